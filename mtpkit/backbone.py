@@ -249,8 +249,13 @@ def wrap_model(model: nn.Module, tokenizer, reference: str, check: bool = True) 
 def check_reproducible_head(backbone: Backbone) -> None:
     """Refuse a model whose logits we cannot rebuild from its decoder and output layer."""
     probe = torch.arange(3, 11, device=backbone.device).unsqueeze(0) % backbone.vocab_size
-    expected = backbone.model(input_ids=probe).logits
-    rebuilt = backbone.logits(backbone.hidden(probe).last_hidden_state)
+    captured = []
+    hook = backbone.model.base_model.register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
+    try:  # one forward: the first one also pages the weights in, so it is the slow one
+        expected = backbone.model(input_ids=probe).logits
+    finally:
+        hook.remove()
+    rebuilt = backbone.logits(captured[0])
     if not torch.allclose(expected.float(), rebuilt.float(), atol=1e-3, rtol=1e-3):
         raise MtpkitError(f"{backbone.architecture}: its logits are not its output layer applied to its "
                           "decoder's last hidden state, so mtpkit cannot attach heads to it")

