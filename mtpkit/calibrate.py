@@ -1,0 +1,205 @@
+"""Choosing the ``auto`` tree for these heads on this machine.
+
+Two measurements feed ``mtpkit.tree.greedy_tree``: how often each head's top-i holds the
+true token (from the finetune metrics, else measured here on held-out builtin prompts), and
+what a base forward over n tokens costs on this machine. The result is cached under
+``cache_root() / "calibration"``, keyed by the base, the heads' weights and the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mtpkit.backbone import Backbone, cache_root
+from mtpkit.config import HeadsConfig
+from mtpkit.heads import DraftHeads
+from mtpkit.targets import conditioning_tokens, head_targets
+from mtpkit.tree import MAX_RANK, expected_tokens, greedy_tree
+
+FORWARD_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+CALIBRATION_PROMPTS = 4
+CALIBRATION_TOKENS = 32
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Calibration:
+    head_topk_accuracy: list[list[float]]  # [head k][i]: P(true token within head k's top-(i+1))
+    accuracy_source: str  # "training" (finetune metrics) or "measured"
+    forward_cost: dict[int, float]  # seconds of a base forward over n tokens (context 128)
+    draft_cost: float  # seconds the heads take to draft a chain
+    choices: list[list[int]]
+    expected_tokens: float  # per step, for ``choices``
+    predicted_tokens_per_second: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Calibration":
+        data = json.loads(text)
+        data["forward_cost"] = {int(k): v for k, v in data["forward_cost"].items()}
+        return cls(**data)
+
+
+def auto_tree(heads: DraftHeads) -> list[list[int]]:
+    return calibrate(heads).choices
+
+
+def calibrate(heads: DraftHeads, refresh: bool = False) -> Calibration:
+    """The calibrated tree for these heads on this machine (from the cache when it is there)."""
+    from mtpkit.checkpoint import atomic_write_text
+
+    path = cache_root() / "calibration" / f"{calibration_key(heads)}.json"
+    if path.is_file() and not refresh:
+        try:
+            return Calibration.from_json(path.read_text())
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass  # a damaged cache entry is simply measured again
+    accuracy, source = head_topk_accuracy(heads)
+    backbone = heads.backbone
+    cost = measure_forward_cost(backbone, FORWARD_SIZES)
+    draft = measure_draft_cost(heads)
+    choices, rate = greedy_tree(accuracy, cost, max_nodes=max(FORWARD_SIZES), draft_cost=draft)
+    result = Calibration(head_topk_accuracy=accuracy, accuracy_source=source, forward_cost=cost, draft_cost=draft,
+                         choices=choices, expected_tokens=expected_tokens(choices, accuracy),
+                         predicted_tokens_per_second=rate)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, result.to_json())
+    return result
+
+
+def calibration_key(heads: DraftHeads) -> str:
+    """Hash of (base fingerprint, heads weights, machine, torch version, dtype)."""
+    digest = hashlib.sha256()
+    backbone = heads.backbone
+    machine = [platform.machine(), platform.processor(), os.cpu_count(), torch.get_num_threads(),
+               torch.__version__, str(backbone.device), str(backbone.dtype), _kernels_available()]
+    digest.update(json.dumps([FORMAT_VERSION, backbone.fingerprint, machine], default=str).encode())
+    digest.update(heads.config.style.encode())
+    for name, tensor in sorted(heads.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def head_topk_accuracy(heads: DraftHeads) -> tuple[list[list[float]], str]:
+    """Per-head top-1..10 accuracy: the finetune's held-out metrics if recorded, else measured now."""
+    recorded = recorded_topk_accuracy(heads.config)
+    if recorded is not None:
+        return recorded, "training"
+    return measure_head_accuracy(heads), "measured"
+
+
+def recorded_topk_accuracy(config: HeadsConfig) -> list[list[float]] | None:
+    """The per-head top-1..10 held-out accuracies finetune recorded in the config, if any."""
+    recorded = config.training.get("eval", {}).get("head_topk_accuracy")
+    if (isinstance(recorded, list) and len(recorded) == config.num_heads
+            and all(isinstance(row, list) and row and all(isinstance(a, (int, float)) for a in row) for row in recorded)):
+        return [[float(a) for a in row[:MAX_RANK]] for row in recorded]
+    return None
+
+
+@torch.inference_mode()
+def measure_head_accuracy(heads: DraftHeads, prompts: int = CALIBRATION_PROMPTS,
+                          new_tokens: int = CALIBRATION_TOKENS) -> list[list[float]]:
+    """Score the heads against what the base itself generates greedily on held-out builtin prompts."""
+    from mtpkit.decoding import encode_prompt, greedy_generate
+    from mtpkit.prompts import load_builtin
+
+    backbone = heads.backbone
+    records = load_builtin("heldout")
+    step = max(1, len(records) // prompts)
+    hits = torch.zeros(heads.num_heads, MAX_RANK)
+    counts = torch.zeros(heads.num_heads)
+    for record in records[::step][:prompts]:
+        prompt = encode_prompt(backbone.tokenizer, record["prompt"], chat=True)
+        generated = greedy_generate(backbone, prompt, new_tokens).tokens
+        ids = torch.cat([prompt, torch.tensor([generated])], dim=1).to(backbone.device)
+        hidden = backbone.hidden(ids).last_hidden_state
+        conditioning = [conditioning_tokens(ids, k) for k in range(1, heads.num_heads + 1)]
+        states = heads.teacher_forced_states(hidden, conditioning)
+        # score only positions whose target the base generated (not prompt tokens)
+        scored = torch.zeros_like(ids, dtype=torch.bool)
+        scored[:, prompt.shape[1] - 1:] = True
+        for k, state in enumerate(states, start=1):
+            targets, valid = head_targets(ids, k)
+            valid &= scored
+            if not valid.any():
+                continue
+            top = heads.logits(k, state[valid]).topk(MAX_RANK, dim=-1).indices
+            found = (top == targets[valid].unsqueeze(-1)).float().cumsum(-1).clamp(max=1)
+            hits[k - 1] += found.sum(0).cpu()
+            counts[k - 1] += found.shape[0]
+    return (hits / counts.clamp(min=1).unsqueeze(-1)).tolist()
+
+
+def measure_forward_cost(backbone: Backbone, sizes=FORWARD_SIZES, context: int = 128, repeats: int = 3) -> dict[int, float]:
+    """Median seconds of a base forward over n tokens after ``context`` cached ones (mtpkit.kernels' if present)."""
+    try:
+        from mtpkit import kernels
+    except ImportError:
+        kernels = None
+    if kernels is not None and hasattr(kernels, "measure_forward_cost"):
+        return {int(n): float(s) for n, s in kernels.measure_forward_cost(backbone, list(sizes), context=context,
+                                                                         repeats=repeats).items()}
+    return _measure_forward_cost(backbone, sizes, context, repeats)
+
+
+@torch.inference_mode()
+def _measure_forward_cost(backbone: Backbone, sizes, context: int, repeats: int) -> dict[int, float]:
+    """Fallback: a causal forward plus output layer over n tokens, as a verification step runs it."""
+    from transformers import DynamicCache
+
+    if backbone.max_context is not None:
+        context = min(context, backbone.max_context - max(sizes) - 1)
+    vocab = backbone.vocab_size
+    prompt = (torch.arange(context, device=backbone.device) * 7 + 3).remainder(vocab).unsqueeze(0)
+    cache = DynamicCache(config=backbone.config)
+    backbone.hidden(prompt, past_key_values=cache, use_cache=True)
+    costs = {}
+    for n in sizes:
+        tokens = (torch.arange(n, device=backbone.device) * 13 + 5).remainder(vocab).unsqueeze(0)
+        times = []
+        for attempt in range(repeats + 1):  # the first run warms up
+            start = time.perf_counter()
+            hidden = backbone.hidden(tokens, past_key_values=cache, use_cache=True).last_hidden_state
+            backbone.logits(hidden)
+            elapsed = time.perf_counter() - start
+            cache.crop(-n)
+            if attempt:
+                times.append(elapsed)
+        costs[int(n)] = statistics.median(times)
+    return costs
+
+
+@torch.inference_mode()
+def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> float:
+    """Median seconds for the heads to draft a chain (each head's state and top-k)."""
+    backbone = heads.backbone
+    hidden = torch.zeros(1, backbone.hidden_size, device=backbone.device, dtype=backbone.dtype)
+    token = torch.zeros(1, dtype=torch.long, device=backbone.device)
+    times = []
+    for attempt in range(repeats + 1):
+        start = time.perf_counter()
+        state = None
+        for k in range(1, heads.num_heads + 1):
+            state = heads.state(k, hidden, state, token)
+            heads.logits(k, state).topk(MAX_RANK, dim=-1)
+        if attempt:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _kernels_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mtpkit.kernels") is not None

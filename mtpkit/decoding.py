@@ -1,0 +1,600 @@
+"""Self-speculative decoding with draft heads: draft a tree, verify it in one base forward.
+
+One step, given the KV cache of every committed token but the last (the *root*, the base's
+own next token, already emitted) and the base's hidden state h of the token before it:
+
+1. draft: head d's top-k tokens become the depth-d nodes of the candidate tree (sequential
+   heads are run per depth, batched over that depth's parents, each conditioned on its
+   parent's token and state); no extra base forward is needed, h is carried over;
+2. verify: one base forward over all tree nodes, with a 4-D mask letting each node see the
+   cache and its own ancestors, at positions ``prefix + depth``;
+3. accept the longest path the base agrees with (greedy: argmax; sampling: lossless
+   rejection sampling; ``typical``: Medusa's typical acceptance, lossy), emit its tokens and
+   the base's own next token after it (the "bonus", next step's root), and keep only the
+   path's KV entries (crop for a chain, index-select for a tree).
+
+Greedy output is the base's greedy output token for token. Batch size 1 only.
+Only the public transformers API is used: the decoder, ``DynamicCache`` and a 4-D mask.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from mtpkit.backbone import Backbone, postprocess_logits
+from mtpkit.errors import MtpkitError
+from mtpkit.heads import DraftHeads
+from mtpkit.tree import Tree, build_tree, chain_choices, expected_tokens, load_tree_file
+
+TYPICAL_THRESHOLD = 0.09  # Medusa's posterior_threshold (epsilon)
+TYPICAL_ALPHA = 0.3  # Medusa's posterior_alpha (delta)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # new tokens only
+    text: str  # decoded new tokens (skip_special_tokens=True)
+    forward_passes: int  # base forward passes INCLUDING prefill
+    accepted_lengths: list[int]  # tokens committed by each verification step
+    prefill_seconds: float
+    decode_seconds: float
+    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens"
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens per base forward pass (plain decoding scores 1.00)."""
+        return len(self.tokens) / max(1, self.forward_passes)
+
+    @property
+    def tokens_per_second(self) -> float:
+        seconds = self.prefill_seconds + self.decode_seconds
+        return len(self.tokens) / seconds if seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.LongTensor:
+    """Token ids [1, L] of a prompt, through the chat template when ``chat`` and the tokenizer has one."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise MtpkitError("the prompt is empty: it encodes to no tokens")
+    return ids
+
+
+def eos_token_ids(backbone: Backbone) -> set[int]:
+    """Every id that ends generation: the tokenizer's EOS and the generation config's."""
+    ids = set()
+    for value in (getattr(backbone.tokenizer, "eos_token_id", None),
+                  getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def _check_prompt(backbone: Backbone, input_ids, max_new_tokens: int) -> tuple[torch.Tensor, int]:
+    """Validate the prompt; return it as [1, L] on the model's device and the token budget."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.ndim == 1:
+        ids = ids.unsqueeze(0)
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise MtpkitError(f"generate takes one prompt at a time (batch size 1), got shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise MtpkitError("the prompt is empty: it encodes to no tokens")
+    if max_new_tokens < 1:
+        raise MtpkitError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    context = backbone.max_context
+    budget = max_new_tokens
+    if context is not None:
+        if ids.shape[1] >= context:
+            raise MtpkitError(f"the prompt has {ids.shape[1]} tokens; the model's context is {context}")
+        budget = min(max_new_tokens, context - ids.shape[1])  # the last new token is never fed back
+    return ids.to(backbone.device), budget
+
+
+class _Output:
+    """Collects committed tokens and decides, token by token, where generation stops."""
+
+    def __init__(self, backbone: Backbone, budget: int, stop_strings: Sequence[str],
+                 on_tokens: Callable[[list[int]], None] | None):
+        self.tokenizer = backbone.tokenizer
+        self.eos = eos_token_ids(backbone)
+        self.budget = budget
+        self.stop_strings = [s for s in stop_strings if s]
+        self.window = max((len(s) for s in self.stop_strings), default=0) + 8
+        self.on_tokens = on_tokens
+        self.tokens: list[int] = []
+        self.stop_reason: str | None = None
+
+    def push(self, new: list[int]) -> int:
+        """Commit tokens up to the first stop; return how many were committed."""
+        taken = 0
+        for token in new:
+            self.tokens.append(token)
+            taken += 1
+            if token in self.eos:
+                self.stop_reason = "eos"
+            elif self.stop_strings and self._stop_string_completed():
+                self.stop_reason = "stop_string"
+            elif len(self.tokens) >= self.budget:
+                self.stop_reason = "max_new_tokens"
+            if self.stop_reason:
+                break
+        if self.on_tokens is not None and taken:
+            self.on_tokens(new[:taken])
+        return taken
+
+    def _stop_string_completed(self) -> bool:
+        # the stop string was absent before this token, so it must end in the recent text
+        tail = self.tokenizer.decode(self.tokens[-self.window:], skip_special_tokens=True)
+        return any(s in tail for s in self.stop_strings)
+
+    def result(self, forward_passes: int, accepted: list[int], prefill: float, decode: float) -> GenerationResult:
+        return GenerationResult(tokens=self.tokens, text=self.tokenizer.decode(self.tokens, skip_special_tokens=True),
+                                forward_passes=forward_passes, accepted_lengths=accepted, prefill_seconds=prefill,
+                                decode_seconds=decode, stop_reason=self.stop_reason or "max_new_tokens")
+
+
+class TextStream:
+    """Turns streamed token ids into text pieces for ``write`` (waits out partial UTF-8 characters)."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None]):
+        self.tokenizer, self.write = tokenizer, write
+        self.tokens: list[int] = []
+        self.written = 0
+
+    def __call__(self, new_tokens: list[int]) -> None:
+        self.tokens.extend(new_tokens)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._emit(text)
+
+    def finish(self) -> None:
+        self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+
+    def _emit(self, text: str) -> None:
+        if len(text) > self.written:
+            self.write(text[self.written:])
+            self.written = len(text)
+
+
+def output_logits(backbone: Backbone, hidden: torch.Tensor) -> torch.Tensor:
+    """``backbone.logits`` on the kernel the output layer runs on (``mtpkit.kernels``' small-row product
+    once ``enable_fast_kernels`` switched it), so drafts and verification gain what the decoder gains."""
+    layer = backbone.model.get_output_embeddings()
+    return postprocess_logits(backbone.config, _linear_for(layer)(hidden, layer.weight, layer.bias))
+
+
+def _linear_for(layer):
+    try:
+        from mtpkit.kernels import linear_for
+    except ImportError:
+        return torch.nn.functional.linear
+    return linear_for(layer)
+
+
+# --------------------------------------------------------------------------- plain greedy
+
+
+@torch.inference_mode()
+def greedy_generate(backbone: Backbone, input_ids, max_new_tokens: int = 128, *, stop_strings=(),
+                    on_tokens=None) -> GenerationResult:
+    """Plain greedy decoding, one token per base forward, on the same decoder/output layer/cache."""
+    from transformers import DynamicCache
+
+    ids, budget = _check_prompt(backbone, input_ids, max_new_tokens)
+    output = _Output(backbone, budget, stop_strings, on_tokens)
+    start = time.perf_counter()
+    cache = DynamicCache(config=backbone.config)
+    hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
+    token = output_logits(backbone, hidden).argmax(-1)
+    forward_passes = 1
+    output.push([token.item()])
+    prefill = time.perf_counter() - start
+    while output.stop_reason is None:
+        hidden = backbone.hidden(token, past_key_values=cache, use_cache=True).last_hidden_state
+        token = output_logits(backbone, hidden).argmax(-1)
+        forward_passes += 1
+        output.push([token.item()])
+    decode = time.perf_counter() - start - prefill
+    return output.result(forward_passes, [1] * (forward_passes - 1), prefill, decode)
+
+
+# --------------------------------------------------------------------------- tree attention support
+
+
+_TREE_SUPPORT: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def tree_mask(ancestor_mask: torch.Tensor, prefix_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask [1, 1, N, prefix + N]: every node sees the cache and its ancestors.
+
+    Additive float (0 / dtype min) works for both the eager (adds it) and sdpa attention paths.
+    """
+    n = ancestor_mask.shape[0]
+    mask = torch.zeros(1, 1, n, prefix_length + n, dtype=dtype, device=ancestor_mask.device)
+    mask[0, 0, :, prefix_length:].masked_fill_(~ancestor_mask, torch.finfo(dtype).min)
+    return mask
+
+
+def _cache_is_tree_safe(cache) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+@torch.inference_mode()
+def supports_tree_attention(backbone: Backbone) -> bool:
+    """Whether this model verifies a tree correctly: a probe tree must match plain forwards of its paths."""
+    if backbone.model in _TREE_SUPPORT:
+        return _TREE_SUPPORT[backbone.model]
+    from transformers import DynamicCache
+
+    vocab = backbone.vocab_size
+    prefix = (torch.arange(3, 9, device=backbone.device) % vocab).unsqueeze(0)
+    tree = build_tree([[0], [1], [0, 0]])
+    tokens = torch.tensor([[11, 12, 13, 14]], device=backbone.device) % vocab
+    ok = False
+    try:
+        cache = DynamicCache(config=backbone.config)
+        backbone.hidden(prefix, past_key_values=cache, use_cache=True)
+        if _cache_is_tree_safe(cache):
+            mask = tree_mask(tree.ancestor_mask.to(backbone.device), prefix.shape[1], backbone.dtype)
+            positions = (tree.position_offsets.to(backbone.device) + prefix.shape[1]).unsqueeze(0)
+            verified = backbone.hidden(tokens, past_key_values=cache, attention_mask=mask, position_ids=positions,
+                                       use_cache=True).last_hidden_state[0].float()
+            ok = True
+            for path in tree.retrieve_indices.tolist():
+                nodes = [i for i in path if i >= 0]
+                full = torch.cat([prefix, tokens[:, nodes]], dim=1)
+                expected = backbone.hidden(full).last_hidden_state[0, -len(nodes):].float()
+                error = (verified[nodes] - expected).norm() / expected.norm().clamp(min=1e-6)
+                ok = ok and error.item() < 1e-2
+    except (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError):
+        ok = False
+    _TREE_SUPPORT[backbone.model] = ok
+    return ok
+
+
+# --------------------------------------------------------------------------- the speculative decoder
+
+
+class _Plan:
+    """Device buffers of one tree, built once: what drafting and verification index with."""
+
+    def __init__(self, tree: Tree, device: torch.device, sequential: bool):
+        self.tree = tree
+        self.num_nodes = n = tree.num_nodes
+        self.max_depth = tree.max_depth
+        self.is_chain = tree.is_chain
+        depths = tree.depths.tolist()
+        parents = tree.parents.tolist()
+        ranks = tree.ranks.tolist()
+        has_child = set(parents[1:])
+        # per depth d: the parents that expand (nodes of depth d-1 with children), the slot of
+        # each one's own parent among depth d-1's expanding nodes, and where each child's token lies
+        self.depth_plans = []
+        previous: list[int] = [0]
+        for d in range(1, self.max_depth + 1):
+            expanding = [i for i in range(n) if depths[i] == d - 1 and i in has_child] if sequential else [0]
+            children = [i for i in range(n) if depths[i] == d]
+            slot = {node: s for s, node in enumerate(expanding)}
+            top_k = tree.top_k(d)
+            flat = [(slot[parents[c]] if sequential else 0) * top_k + ranks[c] for c in children]
+            parent_slots = [previous.index(parents[p]) for p in expanding] if d > 1 and sequential else None
+            self.depth_plans.append(dict(
+                depth=d, start=children[0], stop=children[-1] + 1, top_k=top_k,
+                expanding=torch.tensor(expanding, device=device),
+                parent_slots=None if parent_slots is None else torch.tensor(parent_slots, device=device),
+                flat=torch.tensor(flat, device=device)))
+            previous = expanding
+        self.children = [[c for c in range(n) if parents[c] == i] for i in range(n)]  # in rank order
+        self.parents = tree.parents.to(device)
+        self.offsets = tree.position_offsets.to(device)
+        self.ancestor_mask = tree.ancestor_mask.to(device)
+        self.retrieve_raw = tree.retrieve_indices.to(device)
+        self.retrieve = self.retrieve_raw.clamp(min=0)
+        self.retrieve_valid = self.retrieve_raw[:, 1:] >= 0
+        self.tokens = torch.zeros(n, dtype=torch.long, device=device)
+        self._mask_buffer: torch.Tensor | None = None
+        self._mask_capacity = 0
+
+    def mask(self, prefix_length: int, capacity: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The 4-D mask for a cache of ``prefix_length``: a view into one buffer per generate call."""
+        if self.is_chain:
+            return None  # the model's own causal mask is right for a chain
+        if self._mask_buffer is None or capacity > self._mask_capacity or self._mask_buffer.dtype != dtype:
+            self._mask_capacity = capacity
+            self._mask_buffer = tree_mask(self.ancestor_mask, capacity, dtype)
+        start = self._mask_capacity - prefix_length
+        return self._mask_buffer[..., start:]
+
+
+def resolve_tree(tree, heads: DraftHeads) -> Tree:
+    """A ``Tree`` from "chain", "auto", a JSON file of choices, a list of choices, or a Tree."""
+    if isinstance(tree, Tree):
+        resolved = tree
+    elif isinstance(tree, (str, Path)):
+        name = str(tree)
+        if name == "chain":
+            resolved = build_tree(chain_choices(heads.num_heads))
+        elif name == "auto":
+            from mtpkit.calibrate import auto_tree
+
+            resolved = build_tree(auto_tree(heads))
+        else:
+            resolved = build_tree(load_tree_file(Path(name)))
+    else:
+        resolved = build_tree(tree)
+    if resolved.max_depth > heads.num_heads:
+        raise MtpkitError(f"the tree is {resolved.max_depth} deep but the heads directory has only "
+                          f"{heads.num_heads} heads")
+    return resolved
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int, typical: bool) -> None:
+    """Fail with one line on sampling options that make no sense."""
+    if temperature < 0:
+        raise MtpkitError(f"--temperature must be >= 0 (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise MtpkitError(f"--top-p must be in (0, 1] (got {top_p})")
+    if top_k < 0:
+        raise MtpkitError(f"--top-k must be >= 0 (got {top_k})")
+    if typical and temperature == 0:
+        raise MtpkitError("--typical needs --temperature > 0 (greedy decoding is already exact)")
+
+
+class SpeculativeDecoder:
+    """Greedy (exact), sampling (lossless) or typical (lossy) self-speculative decoding, batch size 1."""
+
+    def __init__(self, heads: DraftHeads, tree: "str | list[list[int]] | Tree" = "auto", *, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, typical: bool = False, seed: int | None = None):
+        check_sampling(temperature, top_p, top_k, typical)
+        self.heads = heads
+        self.backbone: Backbone = heads.backbone
+        self.temperature, self.top_p, self.top_k, self.typical = temperature, top_p, top_k, typical
+        self.sampling = temperature > 0
+        resolved = resolve_tree(tree, heads)
+        if not resolved.is_chain and not supports_tree_attention(self.backbone):
+            _warn_once(f"{self.backbone.architecture} cannot verify a tree through a 4-D attention mask "
+                       "(or its cache cannot be rolled back per token): falling back to chain drafts")
+            resolved = build_tree(chain_choices(min(resolved.max_depth, heads.num_heads)))
+        self.tree = resolved
+        device = self.backbone.device
+        self._plan = _Plan(resolved, device, heads.is_sequential)
+        self._root_plan = _Plan(build_tree([]), device, heads.is_sequential)  # near the end of the context
+        self._rng = random.Random(seed)
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(seed if seed is not None else random.randrange(2**63))
+
+    def expected_tokens_per_step(self) -> float | None:
+        """Tokens per step this tree should yield by the heads' recorded held-out accuracies (None if untrained)."""
+        from mtpkit.calibrate import recorded_topk_accuracy
+
+        accuracy = recorded_topk_accuracy(self.heads.config)
+        return None if accuracy is None else expected_tokens(self.tree.choices, accuracy)
+
+    # -------------------------------------------------------------- generation loop
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.LongTensor, max_new_tokens: int = 128, *, stop_strings=(), on_tokens=None,
+                 trace=None) -> GenerationResult:
+        """Decode up to ``max_new_tokens``; ``on_tokens(list[int])`` streams, ``trace(dict)`` sees each step."""
+        from transformers import DynamicCache
+
+        backbone = self.backbone
+        ids, budget = _check_prompt(backbone, input_ids, max_new_tokens)
+        context = backbone.max_context
+        capacity = ids.shape[1] + budget + 1
+        output = _Output(backbone, budget, stop_strings, on_tokens)
+        start = time.perf_counter()
+        cache = DynamicCache(config=backbone.config)
+        hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[0, -1:]
+        root = self._next_token(output_logits(backbone, hidden)[0])
+        forward_passes, accepted_lengths = 1, []
+        prefix = ids.shape[1]
+        output.push([root])
+        prefill = time.perf_counter() - start
+        while output.stop_reason is None:
+            plan = self._plan
+            if context is not None and prefix + plan.max_depth >= context:
+                plan = self._root_plan
+            step_start = time.perf_counter()
+            tokens, hidden, root, kept, info = self._step(plan, cache, hidden, root, prefix, capacity,
+                                                          trace is not None)
+            forward_passes += 1
+            prefix += kept
+            committed = output.push(tokens)
+            accepted_lengths.append(committed)
+            if trace is not None:
+                info.update(step=forward_passes - 1, prefix_length=prefix - kept, committed=committed,
+                            seconds=time.perf_counter() - step_start)
+                trace(info)
+        decode = time.perf_counter() - start - prefill
+        return output.result(forward_passes, accepted_lengths, prefill, decode)
+
+    # -------------------------------------------------------------- one step
+
+    def _step(self, plan: _Plan, cache, hidden: torch.Tensor, root: int, prefix: int, capacity: int, tracing: bool):
+        """Draft, verify, accept; return (new tokens, next hidden, next root, KV entries kept, trace info)."""
+        tokens = plan.tokens
+        tokens[0] = root
+        confidences = self._draft(plan, hidden, tokens, tracing)
+        positions = (plan.offsets + prefix).unsqueeze(0)
+        verified = self.backbone.hidden(tokens.unsqueeze(0), past_key_values=cache, position_ids=positions,
+                                        attention_mask=plan.mask(prefix, capacity, self.backbone.dtype),
+                                        use_cache=True).last_hidden_state[0]
+        logits = output_logits(self.backbone, verified)
+        if self.sampling and not self.typical:
+            nodes, new_tokens, rejected = self._accept_sampling(plan, tokens, logits)
+        else:
+            nodes, new_tokens, rejected = self._accept_longest(plan, tokens, logits)
+        self._keep_path(cache, plan, nodes, prefix)
+        last = nodes[-1]
+        info = {}
+        if tracing:
+            info = dict(draft_tokens=tokens.tolist(), draft_parents=plan.tree.parents.tolist(),
+                        draft_confidences=confidences, accepted_nodes=nodes, accepted_length=len(new_tokens),
+                        rejected_node=rejected)
+        return new_tokens, verified[last:last + 1], new_tokens[-1], len(nodes), info
+
+    def _draft(self, plan: _Plan, hidden: torch.Tensor, tokens: torch.Tensor, tracing: bool) -> list[float] | None:
+        """Fill ``tokens[1:]`` with the heads' drafts (depth by depth); return their confidences when tracing."""
+        heads = self.heads
+        if not heads.is_sequential and not heads.config.own_lm_head and plan.max_depth:
+            # Medusa heads all read h and share the base's output layer: score them in one product
+            shared = output_logits(self.backbone, torch.cat([heads.state(dp["depth"], hidden) for dp in plan.depth_plans]))
+        else:
+            shared = None
+        confidences = [] if tracing else None
+        states = None
+        for dp in plan.depth_plans:
+            d = dp["depth"]
+            if shared is not None:
+                logits = shared[d - 1:d]
+            else:
+                if heads.is_sequential:
+                    parents = dp["expanding"]
+                    prev = None if states is None else states.index_select(0, dp["parent_slots"])
+                    states = heads.state(d, hidden.expand(parents.shape[0], -1), prev,
+                                         tokens.index_select(0, parents))
+                else:
+                    states = heads.state(d, hidden)
+                logits = heads.logits(d, states)
+            top = torch.topk(logits, dp["top_k"], dim=-1)
+            tokens[dp["start"]:dp["stop"]] = top.indices.reshape(-1).index_select(0, dp["flat"])
+            if tracing:
+                probs = (top.values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+                confidences.extend(probs.reshape(-1).index_select(0, dp["flat"]).tolist())
+        return confidences
+
+    def _accept_longest(self, plan: _Plan, tokens: torch.Tensor, logits: torch.Tensor):
+        """Greedy (base argmax) or typical acceptance: the longest accepted root-to-leaf path."""
+        if self.typical:
+            probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+            entropy = -(probs * torch.log(probs.clamp(min=1e-20))).sum(-1)
+            threshold = torch.minimum(torch.full_like(entropy, TYPICAL_THRESHOLD),
+                                      TYPICAL_ALPHA * torch.exp(-entropy))
+            node_ok = probs[plan.parents[1:], tokens[1:]] > threshold[plan.parents[1:]]
+        else:
+            prediction = logits.argmax(-1)
+            node_ok = prediction[plan.parents[1:]] == tokens[1:]
+        node_ok = torch.cat([node_ok.new_ones(1), node_ok])
+        match = node_ok[plan.retrieve[:, 1:]] & plan.retrieve_valid
+        accepted = match.to(torch.int32).cumprod(1).sum(1)
+        best = accepted.argmax()
+        path_nodes = plan.retrieve[best]
+        parts = [accepted[best].view(1).long(), plan.retrieve_raw[best], tokens[path_nodes]]
+        if not self.typical:
+            parts.append(prediction[path_nodes])
+        row = torch.cat(parts).tolist()  # the one host sync of the step
+        width = plan.max_depth + 1
+        length, path, path_tokens = row[0], row[1:1 + width], row[1 + width:1 + 2 * width]
+        nodes = path[:length + 1]
+        bonus = self._sample(probs[nodes[-1]]) if self.typical else row[1 + 2 * width + length]
+        rejected = path[length + 1] if length + 1 < width and path[length + 1] >= 0 else None
+        return nodes, path_tokens[1:length + 1] + [bonus], rejected
+
+    def _accept_sampling(self, plan: _Plan, tokens: torch.Tensor, logits: torch.Tensor):
+        """Lossless rejection sampling over deterministic drafts (chains and trees).
+
+        At a node, its children are tried in rank order: child c is accepted with probability
+        r(c) under the current residual r (the base distribution at the node with the rejected
+        children removed and renormalised); if all fail, the next token is drawn from r. The
+        emitted tokens are then distributed exactly as the (warped) base's.
+        """
+        probs = self._target_probs(logits)
+        token_list = tokens.tolist()
+        child_probs = [0.0] + probs[plan.parents[1:], tokens[1:]].tolist()
+        nodes, rejected = rejection_walk(plan.children, child_probs, self._rng.random)
+        last = nodes[-1]
+        distribution = probs[last]
+        rejected_tokens = [token_list[c] for c in rejected]
+        if rejected_tokens:
+            distribution = distribution.clone()
+            distribution[rejected_tokens] = 0
+            if not distribution.sum() > 0:  # rounding left no mass: the base's own distribution is the limit
+                distribution = probs[last]
+        bonus = self._sample(distribution)
+        drafts = [token_list[n] for n in nodes[1:]]
+        return nodes, drafts + [bonus], (rejected[-1] if rejected else None)
+
+    # -------------------------------------------------------------- helpers
+
+    def _keep_path(self, cache, plan: _Plan, nodes: list[int], prefix: int) -> None:
+        """Keep the KV entries of the accepted nodes, drop the rest of the tree's."""
+        keep = len(nodes)
+        if nodes != list(range(keep)):
+            source = torch.tensor(nodes, device=self.backbone.device) + prefix
+            for layer in cache.layers:
+                layer.keys[:, :, prefix:prefix + keep] = layer.keys.index_select(2, source)
+                layer.values[:, :, prefix:prefix + keep] = layer.values.index_select(2, source)
+        if plan.num_nodes > keep:
+            cache.crop(keep - plan.num_nodes)
+
+    def _target_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The base's sampling distribution: temperature, then top-k, then top-p."""
+        logits = logits.float() / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= self.top_p  # keeps the top token
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+    def _sample(self, distribution: torch.Tensor) -> int:
+        return torch.multinomial(distribution, 1, generator=self._generator).item()
+
+    def _next_token(self, logits: torch.Tensor) -> int:
+        if not self.sampling:
+            return logits.argmax(-1).item()
+        return self._sample(self._target_probs(logits))
+
+
+def rejection_walk(children: list[list[int]], child_probs: list[float], uniform: Callable[[], float]):
+    """Walk the tree from the root accepting children by rejection sampling.
+
+    ``child_probs[c]``: the base's probability, at c's parent, of c's token. Returns the
+    accepted nodes (root first) and the children rejected at the last node, whose tokens the
+    caller removes from that node's distribution before drawing the next token.
+    """
+    node, nodes = 0, [0]
+    while True:
+        rejected, rejected_mass, accepted = [], 0.0, None
+        for child in children[node]:
+            remaining = 1.0 - rejected_mass
+            if remaining > 0 and uniform() < child_probs[child] / remaining:
+                accepted = child
+                break
+            rejected.append(child)
+            rejected_mass += child_probs[child]
+        if accepted is None:
+            return nodes, rejected
+        node = accepted
+        nodes.append(node)

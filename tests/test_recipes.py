@@ -1,0 +1,42 @@
+"""Every shipped recipe parses into valid finetune options, and opens with the command that runs it."""
+
+from pathlib import Path
+
+import pytest
+
+from mtpkit.cli.finetune import RECIPE_KEYS, read_recipe
+from mtpkit.train import FinetuneOptions
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {path.stem for path in RECIPES}
+    assert {"smollm2-135m-medusa", "smollm2-135m-sequential"} <= names
+    assert any("7b" in name for name in names)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_parses_to_valid_options(path):
+    recipe = read_recipe(path)
+    assert set(recipe) <= set(RECIPE_KEYS)
+    assert recipe["data"], "a recipe names its data"
+    options = FinetuneOptions(**recipe)
+    options.check()  # raises on any invalid value
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_opens_with_its_command(path):
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("#")
+    header = [line for line in lines if line.startswith("#")]
+    commands = " ".join(header)
+    assert "mtpkit attach" in commands
+    assert "finetune" in commands and f"--recipe recipes/{path.name}" in commands
+
+
+def test_default_recipes_train_only_on_the_builtin_train_split():
+    for name in ("smollm2-135m-medusa", "smollm2-135m-sequential"):
+        recipe = read_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
+        assert recipe["data"] == ["builtin:prompts"]
+        assert recipe["self_distill"] is True

@@ -1,0 +1,311 @@
+"""Training the heads: loss goes down, only heads move, resume == uninterrupted, NaN stops, the CLI."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from mtpkit import targets, train
+from mtpkit.attach import attach
+from mtpkit.backbone import load_backbone
+from mtpkit.checkpoint import open_heads
+from mtpkit.cli.app import app
+from mtpkit.config import CHECKPOINT_DIR, CONFIG_NAME, LORA_DIR, METRICS_NAME, WEIGHTS_NAME, HeadsConfig
+from mtpkit.errors import MtpkitError
+from tests.conftest import CORPUS
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models gain nothing from more threads, and OpenMP threads spinning on a shared 2-core box cost a lot
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def text_data(tmp_path):
+    """Sentences the tiny tokenizer knows, repeated: learnable in a few steps."""
+    path = tmp_path / "text.jsonl"
+    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in CORPUS * 2))
+    return path
+
+
+def make_heads(tiny_model_dirs, tmp_path, style="medusa", num_heads=3, name="heads"):
+    out = tmp_path / name
+    attach(str(tiny_model_dirs["llama"]), style, num_heads, 1, out)
+    return out
+
+
+def options(data, **kw):
+    settings = dict(data=[str(data)], lr=1e-2, batch_size=4, eval_fraction=0.2, eval_every=0, save_every=0,
+                    max_steps=6, seed=0)
+    settings.update(kw)
+    return train.FinetuneOptions(**settings)
+
+
+def test_head_weights_and_chain_tokens():
+    assert train.parse_head_weights("uniform", 3) == [1.0, 1.0, 1.0]
+    assert train.parse_head_weights("linear", 4) == [1.0, 0.75, 0.5, 0.25]
+    assert train.parse_head_weights("exponential", 3) == pytest.approx([0.8, 0.64, 0.512])
+    assert train.parse_head_weights("primary-aux", 3) == [1.0, 0.3, 0.3]
+    assert train.parse_head_weights("1,0.5,0", 3) == [1.0, 0.5, 0.0]
+    for bad in ("1,2", "a,b,c", "-1,1,1", "geometric"):
+        with pytest.raises(MtpkitError, match="head-weights"):
+            train.parse_head_weights(bad, 3)
+    assert train.chain_tokens([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
+    assert train.chain_tokens([]) == 1.0
+
+
+@pytest.mark.parametrize("style, train_vocab", [("medusa", "data"), ("sequential", "data"), ("medusa", "full")])
+def test_training_lowers_the_loss_and_moves_only_the_heads(tiny_model_dirs, tmp_path, text_data, style, train_vocab):
+    heads_dir = make_heads(tiny_model_dirs, tmp_path, style)
+    run = train.setup(heads_dir, options(text_data, max_steps=15, train_vocab=train_vocab))
+    assert (run.vocab is None) == (train_vocab == "full")
+    base_before = {k: v.clone() for k, v in run.heads.backbone.model.state_dict().items()}
+    heads_before = {k: v.clone() for k, v in run.heads.state_dict().items()}
+    before = train.evaluate(run.heads, run.eval_examples, run.eval_store, 4, torch.device("cpu"))
+    train.train(run)
+    after = run.final_eval
+    assert all(a < b - 0.1 for a, b in zip(after["head_loss"], before["head_loss"])), (before, after)
+    assert sum(after["head_top1"]) > sum(before["head_top1"])
+    base_after = run.heads.backbone.model.state_dict()
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)  # bit-identical base
+    assert not any(p.requires_grad for p in run.heads.backbone.model.parameters())
+    moved = [k for k, v in run.heads.state_dict().items() if not torch.equal(heads_before[k], v)]
+    assert moved and all(k.startswith("heads.") for k in moved)
+
+
+def test_train_vocab_holds_the_tokens_of_the_data():
+    from mtpkit.data import TokenizedExample
+
+    vocab = train.TrainVocab.of([TokenizedExample([5, 9, 5]), TokenizedExample([2])], 12, "cpu")
+    assert vocab.ids.tolist() == [2, 5, 9]
+    assert vocab.position.tolist() == [-1, -1, 0, -1, -1, 1, -1, -1, -1, 2, -1, -1]
+
+
+def test_evaluate_matches_a_hand_count(tiny_model_dirs, tmp_path, text_data):
+    """Fresh Medusa heads reproduce the base, so head k's top-1 is how often argmax base(t) == token t+k+1."""
+    heads_dir = make_heads(tiny_model_dirs, tmp_path, num_heads=2)
+    run = train.setup(heads_dir, options(text_data))
+    result = train.evaluate(run.heads, run.eval_examples, run.eval_store, 3, torch.device("cpu"))
+    backbone = run.heads.backbone
+    for k in (1, 2):
+        hits = total = hits5 = 0
+        for example in run.eval_examples:
+            ids = torch.tensor([example.ids])
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[0, max(example.loss_start, 1):] = True
+            with torch.no_grad():
+                logits = backbone.model(input_ids=ids).logits[0]
+            labels, valid = targets.head_targets(ids, k, mask)
+            for t in valid[0].nonzero().flatten().tolist():
+                total += 1
+                hits += int(logits[t].argmax() == labels[0, t])
+                hits5 += int(labels[0, t] in logits[t].topk(5).indices)
+        assert result["head_top1"][k - 1] == pytest.approx(hits / total, abs=1e-4)
+        assert result["head_top5"][k - 1] == pytest.approx(hits5 / total, abs=1e-4)
+    accuracy = result["head_topk_accuracy"]
+    assert len(accuracy) == 2 and all(len(row) == 10 for row in accuracy)
+    assert all(row == sorted(row) for row in accuracy)
+    assert result["expected_chain_tokens"] == pytest.approx(train.chain_tokens(result["head_top1"]), abs=1e-3)
+
+
+def test_finetune_writes_the_heads_dir_contract(tiny_model_dirs, tmp_path, text_data):
+    heads_dir = make_heads(tiny_model_dirs, tmp_path, style="sequential")
+    result = train.finetune(heads_dir, options(text_data, loss="distill", eval_every=3, save_every=2))
+    config = HeadsConfig.read(heads_dir)
+    evaluation = config.training["eval"]
+    assert set(evaluation) == {"head_top1", "head_top5", "head_topk_accuracy", "expected_chain_tokens", "examples"}
+    assert len(evaluation["head_topk_accuracy"]) == 3 and all(len(r) == 10 for r in evaluation["head_topk_accuracy"])
+    assert evaluation["head_top1"] == [row[0] for row in evaluation["head_topk_accuracy"]]
+    assert evaluation["head_top5"] == [row[4] for row in evaluation["head_topk_accuracy"]]
+    assert evaluation["examples"] == result.eval_sequences > 0
+    training = config.training
+    assert (training["steps"], training["loss"], training["lr"], training["data"]) == (6, "distill", 1e-2, [str(text_data)])
+    assert training["weights"] == pytest.approx([0.8, 0.64, 0.512]) and training["wall_seconds"] > 0
+    assert result.peak_step_rss_mb > 0
+    for name in (WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, "training.png", "README.md"):
+        assert (heads_dir / name).is_file(), name
+    assert not (heads_dir / CHECKPOINT_DIR).exists()  # a finished run leaves no checkpoint behind
+    records = [json.loads(line) for line in (heads_dir / METRICS_NAME).read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "eval" in r] == [3, 6]
+    assert "mtpkit generate --heads" in (heads_dir / "README.md").read_text()
+    reloaded = open_heads(heads_dir)  # the written dir loads again, with the trained weights
+    for name, tensor in result.config and reloaded.state_dict().items():
+        assert torch.equal(tensor, load_file(str(heads_dir / WEIGHTS_NAME))[name])
+
+
+class StopAt:
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, step):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("style", ["medusa", "sequential"])
+def test_resumed_run_equals_uninterrupted_run(tiny_model_dirs, tmp_path, text_data, style):
+    fresh = make_heads(tiny_model_dirs, tmp_path, style, name="fresh")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    shutil.copytree(fresh, straight)
+    shutil.copytree(fresh, interrupted)
+    settings = dict(max_steps=None, epochs=2, grad_accum=2, batch_size=8, save_every=3)  # 51 sequences: 4 steps/epoch
+
+    train.finetune(straight, options(text_data, **settings))
+    with pytest.raises(train.TrainingInterrupted, match="interrupted at step 5"):
+        train.finetune(interrupted, options(text_data, **settings), callbacks=train.Callbacks(after_step=StopAt(5)))
+    checkpoint = torch.load(interrupted / CHECKPOINT_DIR / "state.pt", weights_only=True)
+    assert checkpoint["step"] == 5 and set(checkpoint["orders"]) == {"0", "1"}
+    assert torch.equal(load_file(str(interrupted / WEIGHTS_NAME))["heads.0.blocks.0.linear.weight"],
+                       load_file(str(fresh / WEIGHTS_NAME))["heads.0.blocks.0.linear.weight"])  # not yet rewritten
+    train.finetune(interrupted, options(text_data, resume=True, **settings))
+
+    expected, resumed = load_file(str(straight / WEIGHTS_NAME)), load_file(str(interrupted / WEIGHTS_NAME))
+    assert expected.keys() == resumed.keys()
+    assert not torch.equal(expected["heads.0.blocks.0.linear.weight"], load_file(str(fresh / WEIGHTS_NAME))["heads.0.blocks.0.linear.weight"])
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (interrupted / METRICS_NAME).read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 9))  # steps logged before the interruption are not logged twice
+
+
+def test_resume_refuses_other_settings_or_no_checkpoint(tiny_model_dirs, tmp_path, text_data):
+    heads_dir = make_heads(tiny_model_dirs, tmp_path)
+    with pytest.raises(MtpkitError, match="no checkpoint"):
+        train.setup(heads_dir, options(text_data, resume=True))
+    with pytest.raises(train.TrainingInterrupted):
+        train.finetune(heads_dir, options(text_data), callbacks=train.Callbacks(after_step=StopAt(2)))
+    with pytest.raises(MtpkitError, match="different settings.*lr"):
+        train.setup(heads_dir, options(text_data, resume=True, lr=5e-3))
+
+
+def test_hidden_states_on_disk_give_the_same_heads(tiny_model_dirs, tmp_path, text_data):
+    fresh = make_heads(tiny_model_dirs, tmp_path, "sequential", name="fresh")
+    memory, disk = tmp_path / "memory", tmp_path / "disk"
+    shutil.copytree(fresh, memory)
+    shutil.copytree(fresh, disk)
+    train.finetune(memory, options(text_data))
+    run = train.setup(disk, options(text_data, hidden_cache_gb=0))
+    assert run.train_store.on_disk
+    train.train(run)
+    train.save(run, 1.0)
+    run.train_store.close()
+    a, b = load_file(str(memory / WEIGHTS_NAME)), load_file(str(disk / WEIGHTS_NAME))
+    for name in a:
+        assert torch.equal(a[name], b[name])
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_model_dirs, tmp_path, text_data):
+    heads_dir = make_heads(tiny_model_dirs, tmp_path)
+    state = load_file(str(heads_dir / WEIGHTS_NAME))
+    state["heads.1.blocks.0.linear.bias"][0] = float("nan")
+    save_file(state, str(heads_dir / WEIGHTS_NAME))
+    with pytest.raises(MtpkitError, match=r"non-finite at step 1 \(per head: [0-9.]+, nan, [0-9.]+\).*no checkpoint"):
+        train.finetune(heads_dir, options(text_data))
+    assert not (heads_dir / CHECKPOINT_DIR).exists()
+
+
+def test_nan_keeps_the_last_good_checkpoint(tiny_model_dirs, tmp_path, text_data, monkeypatch):
+    heads_dir = make_heads(tiny_model_dirs, tmp_path)
+    real = train.backward_heads
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        losses = real(*args, **kwargs)
+        return [float("inf")] + losses[1:] if len(calls) == 4 else losses
+
+    monkeypatch.setattr(train, "backward_heads", poisoned)
+    with pytest.raises(MtpkitError, match=r"non-finite at step 4.*last good checkpoint \(step 2\)"):
+        train.finetune(heads_dir, options(text_data, save_every=2))
+    assert torch.load(heads_dir / CHECKPOINT_DIR / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_lora_trains_an_adapter_with_the_heads(tiny_model_dirs, tmp_path, text_data):
+    heads_dir = make_heads(tiny_model_dirs, tmp_path, num_heads=2)
+    base = load_backbone(str(tiny_model_dirs["llama"]))
+    base_state = {k: v.clone() for k, v in base.model.state_dict().items()}
+    train.finetune(heads_dir, options(text_data, lora=True, max_steps=3))
+    config = HeadsConfig.read(heads_dir)
+    assert config.lora and (heads_dir / LORA_DIR / "adapter_config.json").is_file()
+    adapter = json.loads((heads_dir / LORA_DIR / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == config.base_model
+    merged = open_heads(heads_dir)  # base + adapter merged, then the heads
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert not torch.allclose(merged.backbone.model(input_ids=ids).logits, base.model(input_ids=ids).logits)
+    # the base on disk is untouched: a fresh load equals the one taken before training
+    fresh = load_backbone(str(tiny_model_dirs["llama"])).model.state_dict()
+    assert all(torch.equal(base_state[k], fresh[k]) for k in base_state)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_finetune_on_self_distilled_builtin_prompts(tiny_model_dirs, tmp_path):
+    heads_dir = make_heads(tiny_model_dirs, tmp_path)
+    args = ["finetune", str(heads_dir), "--data", "builtin:prompts", "--max-examples", "12",
+            "--distill-max-new-tokens", "6", "--max-steps", "2", "--batch-size", "4", "--eval-every", "0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "held-out accuracy" in result.output and "12 generated" in result.output
+    training = HeadsConfig.read(heads_dir).training
+    assert training["self_distill"] and training["data_shapes"] == {"prompt": 12} and training["steps"] == 2
+    again = runner.invoke(app, args)  # the second run reads every response from the cache
+    assert again.exit_code == 0 and "0 generated, 12 from cache" in again.output
+
+
+def test_cli_recipe_with_command_line_override(tiny_model_dirs, tmp_path, text_data):
+    heads_dir = make_heads(tiny_model_dirs, tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"# mtpkit finetune HEADS --recipe {recipe}\ndata: {text_data}\nmax-steps: 2\nlr: 0.005\n"
+                      "batch_size: 4\neval_every: 0\n")
+    result = runner.invoke(app, ["finetune", str(heads_dir), "--recipe", str(recipe), "--max-steps", "3"])
+    assert result.exit_code == 0, result.output
+    training = HeadsConfig.read(heads_dir).training
+    assert (training["steps"], training["lr"], training["batch_size"]) == (3, 0.005, 4)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "empty"),
+    ('{"foo": 1}\n', "no usable records"),
+    ("[1, 2", "cannot read"),
+])
+def test_cli_bad_data_exits_nonzero_with_one_line(tiny_model_dirs, tmp_path, content, message):
+    heads_dir = make_heads(tiny_model_dirs, tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    result = runner.invoke(app, ["finetune", str(heads_dir), "--data", str(bad)])
+    assert result.exit_code == 1 and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_refuses_a_missing_heads_dir_bad_options_and_recipe_keys(tmp_path, text_data):
+    missing = runner.invoke(app, ["finetune", str(tmp_path / "nothing"), "--data", str(text_data)])
+    assert missing.exit_code == 1 and "mtp_config.json is missing" in missing.output
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 0.1\n")
+    bad_key = runner.invoke(app, ["finetune", str(tmp_path), "--recipe", str(recipe)])
+    assert bad_key.exit_code == 1 and "unknown option(s) learning_rate" in bad_key.output
+    no_data = runner.invoke(app, ["finetune", str(tmp_path)])
+    assert no_data.exit_code == 1 and "no training data" in no_data.output
+
+
+def test_bfloat16_base_with_mixed_precision_trains_float32_heads(tiny_model_dirs, tmp_path, text_data):
+    heads_dir = make_heads(tiny_model_dirs, tmp_path, style="sequential", num_heads=2)
+    with pytest.raises(MtpkitError, match="needs --mixed-precision"):
+        train.finetune(heads_dir, options(text_data, dtype="bfloat16"))
+    result = train.finetune(heads_dir, options(text_data, dtype="bfloat16", mixed_precision="bf16", max_steps=3))
+    assert all(0 <= a <= 1 for a in result.eval["head_top1"])
+    saved = load_file(str(heads_dir / WEIGHTS_NAME))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())

@@ -1,0 +1,107 @@
+"""Tree buffers against hand-written values, and the auto tree's objective (tokens per second)."""
+
+import json
+
+import pytest
+import torch
+
+from mtpkit.errors import MtpkitError
+from mtpkit.tree import build_tree, chain_choices, expected_tokens, greedy_tree, load_tree_file, rank_probabilities
+
+CHOICES = [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
+
+
+def test_tree_buffers_match_hand_written_values():
+    tree = build_tree(CHOICES)
+    # nodes: 0 root, 1 (0), 2 (1), 3 (0,0), 4 (0,1), 5 (0,0,0)
+    assert tree.num_nodes == 6 and tree.max_depth == 3 and not tree.is_chain
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 3]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3]
+    assert tree.position_offsets.tolist() == [0, 1, 1, 2, 2, 3]
+    assert tree.ranks.tolist() == [-1, 0, 1, 0, 1, 0]
+    expected_mask = [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [1, 1, 0, 1, 0, 1],
+    ]
+    assert tree.ancestor_mask.int().tolist() == expected_mask
+    assert tree.retrieve_indices.tolist() == [[0, 2, -1, -1], [0, 1, 4, -1], [0, 1, 3, 5]]
+    assert [tree.top_k(d) for d in (1, 2, 3)] == [2, 2, 1]
+
+
+def test_tree_order_of_choices_does_not_matter():
+    shuffled = build_tree([[0, 0, 0], [0, 1], [1], [0, 0], [0]])
+    reference = build_tree(CHOICES)
+    assert shuffled.choices == reference.choices
+    assert torch.equal(shuffled.ancestor_mask, reference.ancestor_mask)
+    assert torch.equal(shuffled.retrieve_indices, reference.retrieve_indices)
+
+
+def test_chain_and_root_only_trees():
+    chain = build_tree(chain_choices(3))
+    assert chain.is_chain and chain.num_nodes == 4
+    assert chain.parents.tolist() == [-1, 0, 1, 2]
+    assert chain.ancestor_mask.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert chain.retrieve_indices.tolist() == [[0, 1, 2, 3]]
+    root = build_tree([])
+    assert root.num_nodes == 1 and root.max_depth == 0 and root.retrieve_indices.tolist() == [[0]]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([[0, 0]], "no parent path"),
+    ([[0], [0]], "twice"),
+    ([[0], [-1]], "bad tree path"),
+    ([[0], []], "bad tree path"),
+    ([[0], [10]], "bad tree path"),
+    ({"0": 1}, "list of paths"),
+])
+def test_bad_choices_are_refused(bad, message):
+    with pytest.raises(MtpkitError, match=message):
+        build_tree(bad)
+
+
+def test_tree_file(tmp_path):
+    good = tmp_path / "tree.json"
+    good.write_text(json.dumps(CHOICES))
+    assert load_tree_file(good) == CHOICES
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"choices": CHOICES}))
+    assert load_tree_file(wrapped) == CHOICES
+    broken = tmp_path / "broken.json"
+    broken.write_text("[[0], [1")
+    with pytest.raises(MtpkitError, match="not valid JSON"):
+        load_tree_file(broken)
+    with pytest.raises(MtpkitError, match="not found"):
+        load_tree_file(tmp_path / "missing.json")
+
+
+ACCURACY = [[0.6, 0.8], [0.3, 0.5]]  # per head: P(true token within top-1), P(within top-2)
+
+
+def test_expected_tokens_is_sum_of_path_probabilities():
+    probs = rank_probabilities(ACCURACY)
+    assert probs[0] == pytest.approx([0.6, 0.2]) and probs[1] == pytest.approx([0.3, 0.2])
+    assert expected_tokens([[0], [0, 0]], ACCURACY) == pytest.approx(1 + 0.6 + 0.6 * 0.3)
+    assert expected_tokens([[0], [1], [0, 0], [1, 1]], ACCURACY) == pytest.approx(1 + 0.6 + 0.2 + 0.18 + 0.04)
+
+
+def test_greedy_tree_adds_nodes_by_marginal_gain():
+    flat = {n: 1.0 for n in range(1, 10)}
+    choices, rate = greedy_tree(ACCURACY, flat, max_nodes=4)
+    assert choices == [[0], [1], [0, 0]]  # gains 0.6, 0.2, 0.18 beat (0,1) 0.12
+    assert rate == pytest.approx(1.98)
+    every, _ = greedy_tree(ACCURACY, flat, max_nodes=64)
+    assert sorted(every) == [[0], [0, 0], [0, 1], [1], [1, 0], [1, 1]]
+
+
+def test_greedy_tree_maximises_tokens_per_second_not_per_step():
+    # a third token makes the forward 10x slower: the best tree has 2 nodes, though bigger ones accept more
+    steep = {1: 1.0, 2: 1.0, 3: 10.0, 8: 80.0}
+    choices, rate = greedy_tree(ACCURACY, steep, max_nodes=8)
+    assert choices == [[0]] and rate == pytest.approx(1.6)
+    # heads that are never right: plain decoding (no drafts) is best
+    useless = [[0.0, 0.0], [0.0, 0.0]]
+    assert greedy_tree(useless, {1: 1.0, 2: 1.5}, max_nodes=8) == ([], 1.0)
