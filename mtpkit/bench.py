@@ -187,6 +187,7 @@ class Runner:
         self.heads, self.settings = heads, settings
         self.backbone = heads.backbone
         self.decoders: dict[str, SpeculativeDecoder] = {}
+        self.kernels("mtp-tree")  # the auto tree is calibrated on the kernels it will run on
         if "mtp-chain" in settings.methods:
             self.decoders["mtp-chain"] = SpeculativeDecoder(heads, tree="chain")
         if "mtp-tree" in settings.methods:

@@ -82,7 +82,7 @@ def calibration_key(heads: DraftHeads) -> str:
     digest = hashlib.sha256()
     backbone = heads.backbone
     machine = [platform.machine(), platform.processor(), os.cpu_count(), torch.get_num_threads(),
-               torch.__version__, str(backbone.device), str(backbone.dtype), _kernels_available()]
+               torch.__version__, str(backbone.device), str(backbone.dtype), _kernel_mode(backbone)]
     digest.update(json.dumps([FORMAT_VERSION, backbone.fingerprint, machine], default=str).encode())
     digest.update(heads.config.style.encode())
     for name, tensor in sorted(heads.state_dict().items()):
@@ -144,41 +144,12 @@ def measure_head_accuracy(heads: DraftHeads, prompts: int = CALIBRATION_PROMPTS,
 
 def measure_forward_cost(backbone: Backbone, sizes=FORWARD_SIZES, context: int = 128, repeats: int = 3) -> dict[int, float]:
     """Median seconds of a base forward over n tokens after ``context`` cached ones (mtpkit.kernels' if present)."""
-    try:
-        from mtpkit import kernels
-    except ImportError:
-        kernels = None
-    if kernels is not None and hasattr(kernels, "measure_forward_cost"):
-        return {int(n): float(s) for n, s in kernels.measure_forward_cost(backbone, list(sizes), context=context,
-                                                                         repeats=repeats).items()}
-    return _measure_forward_cost(backbone, sizes, context, repeats)
-
-
-@torch.inference_mode()
-def _measure_forward_cost(backbone: Backbone, sizes, context: int, repeats: int) -> dict[int, float]:
-    """Fallback: a causal forward plus output layer over n tokens, as a verification step runs it."""
-    from transformers import DynamicCache
+    from mtpkit import kernels
 
     if backbone.max_context is not None:
-        context = min(context, backbone.max_context - max(sizes) - 1)
-    vocab = backbone.vocab_size
-    prompt = (torch.arange(context, device=backbone.device) * 7 + 3).remainder(vocab).unsqueeze(0)
-    cache = DynamicCache(config=backbone.config)
-    backbone.hidden(prompt, past_key_values=cache, use_cache=True)
-    costs = {}
-    for n in sizes:
-        tokens = (torch.arange(n, device=backbone.device) * 13 + 5).remainder(vocab).unsqueeze(0)
-        times = []
-        for attempt in range(repeats + 1):  # the first run warms up
-            start = time.perf_counter()
-            hidden = backbone.hidden(tokens, past_key_values=cache, use_cache=True).last_hidden_state
-            backbone.logits(hidden)
-            elapsed = time.perf_counter() - start
-            cache.crop(-n)
-            if attempt:
-                times.append(elapsed)
-        costs[int(n)] = statistics.median(times)
-    return costs
+        context = max(1, min(context, backbone.max_context - max(sizes) - 1))
+    measured = kernels.measure_forward_cost(backbone, list(sizes), context=context, repeats=repeats)
+    return {int(n): float(s) for n, s in measured.items()}
 
 
 @torch.inference_mode()
@@ -199,7 +170,8 @@ def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def _kernels_available() -> bool:
-    import importlib.util
+def _kernel_mode(backbone: Backbone) -> str:
+    """The forward cost depends on which kernels the model runs: "fast" (mtpkit.kernels) or "stock"."""
+    from mtpkit.kernels import uses_fast_kernels
 
-    return importlib.util.find_spec("mtpkit.kernels") is not None
+    return "fast" if uses_fast_kernels(backbone.model) else "stock"

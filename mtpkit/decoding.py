@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from mtpkit.backbone import Backbone, postprocess_logits
+from mtpkit.backbone import Backbone
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads
 from mtpkit.tree import Tree, build_tree, chain_choices, expected_tokens, load_tree_file
@@ -173,21 +173,6 @@ class TextStream:
             self.written = len(text)
 
 
-def output_logits(backbone: Backbone, hidden: torch.Tensor) -> torch.Tensor:
-    """``backbone.logits`` on the kernel the output layer runs on (``mtpkit.kernels``' small-row product
-    once ``enable_fast_kernels`` switched it), so drafts and verification gain what the decoder gains."""
-    layer = backbone.model.get_output_embeddings()
-    return postprocess_logits(backbone.config, _linear_for(layer)(hidden, layer.weight, layer.bias))
-
-
-def _linear_for(layer):
-    try:
-        from mtpkit.kernels import linear_for
-    except ImportError:
-        return torch.nn.functional.linear
-    return linear_for(layer)
-
-
 # --------------------------------------------------------------------------- plain greedy
 
 
@@ -202,13 +187,13 @@ def greedy_generate(backbone: Backbone, input_ids, max_new_tokens: int = 128, *,
     start = time.perf_counter()
     cache = DynamicCache(config=backbone.config)
     hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
-    token = output_logits(backbone, hidden).argmax(-1)
+    token = backbone.logits(hidden).argmax(-1)
     forward_passes = 1
     output.push([token.item()])
     prefill = time.perf_counter() - start
     while output.stop_reason is None:
         hidden = backbone.hidden(token, past_key_values=cache, use_cache=True).last_hidden_state
-        token = output_logits(backbone, hidden).argmax(-1)
+        token = backbone.logits(hidden).argmax(-1)
         forward_passes += 1
         output.push([token.item()])
     decode = time.perf_counter() - start - prefill
@@ -412,7 +397,7 @@ class SpeculativeDecoder:
         start = time.perf_counter()
         cache = DynamicCache(config=backbone.config)
         hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[0, -1:]
-        root = self._next_token(output_logits(backbone, hidden)[0])
+        root = self._next_token(backbone.logits(hidden)[0])
         forward_passes, accepted_lengths = 1, []
         prefix = ids.shape[1]
         output.push([root])
@@ -446,7 +431,7 @@ class SpeculativeDecoder:
         verified = self.backbone.hidden(tokens.unsqueeze(0), past_key_values=cache, position_ids=positions,
                                         attention_mask=plan.mask(prefix, capacity, self.backbone.dtype),
                                         use_cache=True).last_hidden_state[0]
-        logits = output_logits(self.backbone, verified)
+        logits = self.backbone.logits(verified)
         if self.sampling and not self.typical:
             nodes, new_tokens, rejected = self._accept_sampling(plan, tokens, logits)
         else:
@@ -465,7 +450,7 @@ class SpeculativeDecoder:
         heads = self.heads
         if not heads.is_sequential and not heads.config.own_lm_head and plan.max_depth:
             # Medusa heads all read h and share the base's output layer: score them in one product
-            shared = output_logits(self.backbone, torch.cat([heads.state(dp["depth"], hidden) for dp in plan.depth_plans]))
+            shared = self.backbone.logits(torch.cat([heads.state(dp["depth"], hidden) for dp in plan.depth_plans]))
         else:
             shared = None
         confidences = [] if tracing else None

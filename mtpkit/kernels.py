@@ -81,6 +81,11 @@ def disable_fast_kernels(model: nn.Module) -> int:
     return count
 
 
+def uses_fast_kernels(model: nn.Module) -> bool:
+    """Whether ``enable_fast_kernels`` switched (some of) this model's linear layers."""
+    return any(type(module) is FastLinear for module in model.modules())
+
+
 def linear_for(layer: nn.Module) -> Callable[..., torch.Tensor]:
     """The function that applies ``layer``'s kind of kernel to any weight: ``fast_linear`` or ``F.linear``."""
     return fast_linear if isinstance(layer, FastLinear) else F.linear
@@ -132,7 +137,7 @@ def compare_kernels(backbone, sizes: Iterable[int] = DEFAULT_SIZES, context: int
     """
     sizes, modes = sorted(set(sizes)), tuple(modes)
     model = backbone.model
-    was_fast = any(type(module) is FastLinear for module in model.modules())
+    was_fast = uses_fast_kernels(model)
     switch = {"stock": disable_fast_kernels, "fast": enable_fast_kernels}
     timer = _ForwardTimer(backbone, context, max(sizes))
     samples: dict[str, dict[int, list[float]]] = {mode: {n: [] for n in sizes} for mode in modes}
@@ -172,7 +177,7 @@ def compare_logits(backbone, input_ids: torch.Tensor) -> dict[str, float]:
     ``input_ids`` is cut into pieces of ``MAX_FAST_ROWS`` tokens so every piece takes the fast path.
     """
     model = backbone.model
-    was_fast = any(type(module) is FastLinear for module in model.modules())
+    was_fast = uses_fast_kernels(model)
     outputs = {}
     try:
         for mode, switch in (("stock", disable_fast_kernels), ("fast", enable_fast_kernels)):

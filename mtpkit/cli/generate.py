@@ -71,11 +71,13 @@ def generate(
     trace: Annotated[Optional[Path], typer.Option(help="Write one JSON line per decoding step (drafts, their confidences, accepted length, rejected node) to this file.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Load this base instead of the one named in the heads directory (it must be the same model).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--stock-kernels", help="Run linear layers on mtpkit's small-row kernels (same results, cheaper verification on CPUs).")] = True,
 ) -> None:
     """Generate text with self-speculative decoding; text streams to stdout, a summary goes to stderr."""
     from mtpkit.checkpoint import open_heads
     from mtpkit.config import HeadsConfig
     from mtpkit.decoding import SpeculativeDecoder, TextStream, check_sampling, encode_prompt
+    from mtpkit.kernels import enable_fast_kernels
     from mtpkit.tree import load_tree_file
 
     # everything cheap is checked before the model loads
@@ -89,6 +91,8 @@ def generate(
 
     with console.status("loading the base model and heads"):
         heads = open_heads(heads_dir, model=model, dtype=dtype)
+        if fast_kernels:
+            enable_fast_kernels(heads.backbone.model)
     with console.status("calibrating the tree for this machine" if tree_spec == "auto" else "building the tree"):
         decoder = SpeculativeDecoder(heads, tree_spec, temperature=temperature, top_p=top_p, top_k=top_k,
                                      typical=typical, seed=seed)
