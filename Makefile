@@ -23,15 +23,15 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m 'not slow'
 
 demo: setup
-	$(BIN)/mtpkit bench mtpkit/trained/smollm2-135m-medusa --limit 8 --max-new-tokens 128 \
+	$(BIN)/mtpkit bench mtpkit/trained/smollm2-135m-sequential --limit 8 --max-new-tokens 128 \
 		--json out/demo/bench.json --markdown out/demo/bench.md --plot out/demo/bench.png
 
 # Reproduce the shipped default heads from nothing (self-distill + train, ~20 min on 2 CPU cores),
 # then copy the trained files (not the resumable checkpoint) over mtpkit/trained/.
-HEADS_NAME := smollm2-135m-medusa
+HEADS_NAME := smollm2-135m-sequential
 heads: setup
 	rm -rf heads/$(HEADS_NAME)
-	$(BIN)/mtpkit attach --model smollm2-135m --style medusa --heads 4 --out heads/$(HEADS_NAME)
+	$(BIN)/mtpkit attach --model smollm2-135m --style sequential --heads 4 --out heads/$(HEADS_NAME)
 	$(BIN)/mtpkit finetune heads/$(HEADS_NAME) --recipe recipes/$(HEADS_NAME).yaml
 	rm -rf mtpkit/trained/$(HEADS_NAME) && mkdir -p mtpkit/trained/$(HEADS_NAME)
 	cp heads/$(HEADS_NAME)/mtp_config.json heads/$(HEADS_NAME)/heads.safetensors heads/$(HEADS_NAME)/README.md \

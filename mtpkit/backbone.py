@@ -83,11 +83,14 @@ class Backbone:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
-    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The base's output layer on final hidden states (or ``weight`` in its place), on the layer's
-        kernel: ``mtpkit.kernels``' small-row product once ``enable_fast_kernels`` switched the model."""
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The base's output layer on final hidden states (or ``weight`` and ``bias`` in its place), on the
+        layer's kernel: ``mtpkit.kernels``' small-row product once ``enable_fast_kernels`` switched the model."""
         head = self.model.get_output_embeddings()
-        logits = linear_for(head)(hidden, head.weight if weight is None else weight, head.bias)
+        if weight is None:
+            weight, bias = head.weight, head.bias
+        logits = linear_for(head)(hidden, weight, bias)
         return postprocess_logits(self.model.config, logits)
 
 

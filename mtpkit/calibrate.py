@@ -164,7 +164,7 @@ def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> float:
         state = None
         for k in range(1, heads.num_heads + 1):
             state = heads.state(k, hidden, state, token)
-            heads.logits(k, state).topk(MAX_RANK, dim=-1)
+            heads.draft_logits(k, state)[0].topk(MAX_RANK, dim=-1)
         if attempt:
             times.append(time.perf_counter() - start)
     return statistics.median(times)

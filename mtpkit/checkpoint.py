@@ -60,8 +60,14 @@ def prepare_out_dir(out: Path, force: bool) -> Path:
     return out
 
 
+DRAFT_VOCAB_KEY = "draft_vocab"  # int64 token ids the heads draft from; absent: the full vocabulary
+
+
 def heads_state_dict(heads: DraftHeads) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().contiguous().cpu() for name, tensor in heads.state_dict().items()}
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in heads.state_dict().items()}
+    if heads.draft_vocab is not None:
+        state[DRAFT_VOCAB_KEY] = heads.draft_vocab.detach().cpu().long().contiguous()
+    return state
 
 
 def save_heads(heads: DraftHeads, out: Path) -> list[Path]:
@@ -121,8 +127,13 @@ def _load_weights(heads_dir: Path, heads: DraftHeads) -> DraftHeads:
         state = load_file(str(path), device=str(heads.backbone.device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise MtpkitError(f"{path} is corrupt or not a safetensors file: {str(exc)[:200]}") from None
+    draft_vocab = state.pop(DRAFT_VOCAB_KEY, None)
+    if draft_vocab is not None and (draft_vocab.ndim != 1 or not draft_vocab.numel()
+                                    or int(draft_vocab.min()) < 0 or int(draft_vocab.max()) >= heads.config.vocab_size):
+        raise MtpkitError(f"{path}: {DRAFT_VOCAB_KEY} holds token ids outside the vocabulary of {heads.config.vocab_size}")
     missing, unexpected = heads.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise MtpkitError(f"{path} does not match {CONFIG_NAME}: missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")
+    heads.set_draft_vocab(draft_vocab)
     return heads

@@ -450,7 +450,7 @@ class SpeculativeDecoder:
         heads = self.heads
         if not heads.is_sequential and not heads.config.own_lm_head and plan.max_depth:
             # Medusa heads all read h and share the base's output layer: score them in one product
-            shared = self.backbone.logits(torch.cat([heads.state(dp["depth"], hidden) for dp in plan.depth_plans]))
+            shared, columns = heads.draft_logits(1, torch.cat([heads.state(dp["depth"], hidden) for dp in plan.depth_plans]))
         else:
             shared = None
         confidences = [] if tracing else None
@@ -467,9 +467,10 @@ class SpeculativeDecoder:
                                          tokens.index_select(0, parents))
                 else:
                     states = heads.state(d, hidden)
-                logits = heads.logits(d, states)
+                logits, columns = heads.draft_logits(d, states)
             top = torch.topk(logits, dp["top_k"], dim=-1)
-            tokens[dp["start"]:dp["stop"]] = top.indices.reshape(-1).index_select(0, dp["flat"])
+            drafted = top.indices.reshape(-1).index_select(0, dp["flat"])
+            tokens[dp["start"]:dp["stop"]] = drafted if columns is None else columns.index_select(0, drafted)
             if tracing:
                 probs = (top.values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
                 confidences.extend(probs.reshape(-1).index_select(0, dp["flat"]).tolist())

@@ -87,6 +87,8 @@ class DraftHeads(nn.Module):
             self.lm_heads = nn.ParameterList(
                 nn.Parameter(base_weight.clone().float()) for _ in range(config.num_heads))
         self.to(device=backbone.device, dtype=backbone.dtype)
+        self.draft_vocab: torch.Tensor | None = None  # token ids drafts are drawn from (None: all)
+        self._draft_layers: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @property
     def num_heads(self) -> int:
@@ -109,9 +111,35 @@ class DraftHeads(nn.Module):
         prev = hidden if prev_state is None else prev_state
         return head(prev, self.backbone.embed(token))
 
+    def output_layer(self, k: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias of head k's vocabulary projection (the base's unless ``own_lm_head``), optionally
+        only the output ``rows`` (token ids) given."""
+        base = self.backbone.model.get_output_embeddings()
+        weight, bias = (self.lm_heads[k - 1] if self.config.own_lm_head else base.weight), base.bias
+        if rows is not None:
+            weight, bias = weight[rows], None if bias is None else bias[rows]
+        return weight, bias
+
     def logits(self, k: int, state: torch.Tensor) -> torch.Tensor:
-        weight = self.lm_heads[k - 1] if self.config.own_lm_head else None
-        return self.backbone.logits(state, weight=weight)
+        """Head k's logits over the full vocabulary."""
+        return self.backbone.logits(state, *self.output_layer(k))
+
+    def set_draft_vocab(self, token_ids: torch.Tensor | None) -> None:
+        """Draft only from these token ids (EAGLE-3's sub-vocabulary): K small output products per step
+        instead of K full-vocabulary ones. Verification still scores the full vocabulary, so a token outside
+        it is only never drafted; the output does not change."""
+        self.draft_vocab = None if token_ids is None else torch.as_tensor(token_ids).long().to(self.backbone.device)
+        self._draft_layers = {}
+
+    def draft_logits(self, k: int, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head k's logits over the draft vocabulary, and the token id of each column (None: the full vocabulary)."""
+        if self.draft_vocab is None:
+            return self.logits(k, state), None
+        key = k if self.config.own_lm_head else 0
+        if key not in self._draft_layers:  # a contiguous copy of the rows, made once
+            weight, bias = self.output_layer(k, self.draft_vocab)
+            self._draft_layers[key] = (weight.detach().contiguous(), None if bias is None else bias.detach())
+        return self.backbone.logits(state, *self._draft_layers[key]), self.draft_vocab
 
     def teacher_forced_states(self, hidden: torch.Tensor, conditioning: list[torch.Tensor]) -> list[torch.Tensor]:
         """All K heads' states at every position, sequential heads fed the true tokens.

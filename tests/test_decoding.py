@@ -77,6 +77,10 @@ class OracleHeads(DraftHeads):
             rows.append(row)
         return torch.stack(rows).to(state.dtype)
 
+    def draft_logits(self, k, state):
+        logits = self.logits(k, state)
+        return (logits, None) if self.draft_vocab is None else (logits[:, self.draft_vocab], self.draft_vocab)
+
 
 def prompt_ids(backbone):
     return backbone.tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -364,3 +368,33 @@ def test_default_model_speculative_equals_greedy_and_transformers(tmp_path, monk
             hf = backbone.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
                                          do_sample=False)[0, ids.shape[1]:].tolist()
         assert speculative.tokens == ours.tokens == hf, record["id"]
+
+
+@pytest.mark.parametrize("style", ["medusa", "sequential"])
+def test_draft_vocabulary_keeps_greedy_output_and_round_trips(tiny_backbone, style, tmp_path):
+    from mtpkit.checkpoint import load_heads, save_heads
+
+    ids = prompt_ids(tiny_backbone)
+    reference = greedy_generate(tiny_backbone, ids, 30)
+    sequence = ids[0].tolist() + reference.tokens
+    heads = OracleHeads(tiny_backbone, style, sequence)
+    # half the vocabulary, with every token the base will say: long acceptances, drafts only from the subset
+    subset = sorted(set(sequence) | set(range(0, tiny_backbone.vocab_size, 2)))
+    heads.set_draft_vocab(torch.tensor(subset))
+    steps = []
+    result = SpeculativeDecoder(heads, TREE).generate(ids, 30, trace=steps.append)
+    assert result.tokens == reference.tokens
+    assert result.mean_accepted_tokens > 2.0
+    assert all(t in set(subset) for step in steps for t in step["draft_tokens"][1:])
+
+    saved = random_heads(tiny_backbone, style)
+    saved.set_draft_vocab(torch.tensor(subset))
+    state = saved.state(1, torch.randn(3, tiny_backbone.hidden_size), None, torch.tensor([1, 2, 3]))
+    sub_logits, columns = saved.draft_logits(1, state)
+    assert torch.allclose(sub_logits, saved.logits(1, state)[:, subset], atol=1e-5)
+    assert columns.tolist() == subset
+    (tmp_path / "mtp_config.json").write_text(saved.config.to_json())
+    save_heads(saved, tmp_path)
+    loaded = load_heads(tmp_path, tiny_backbone)
+    assert torch.equal(loaded.draft_vocab.cpu(), torch.tensor(subset))
+    assert SpeculativeDecoder(loaded, TREE).generate(ids, 30).tokens == reference.tokens

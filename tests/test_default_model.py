@@ -37,3 +37,28 @@ def test_attach_to_default_model(tmp_path, style, monkeypatch):
         state = heads.state(1, hidden, None, ids)
         torch.testing.assert_close(heads.logits(1, state), base, atol=1e-4, rtol=1e-4)
     assert backbone.tokenizer.decode(base[0, -1].argmax()).strip() == "Paris"
+
+
+@pytest.mark.slow
+def test_shipped_heads_decode_exactly_and_accept_drafts(monkeypatch):
+    """The shipped trained heads on the real model: speculative output == greedy, more than one token per step."""
+    from pathlib import Path
+
+    from mtpkit.checkpoint import open_heads
+    from mtpkit.decoding import SpeculativeDecoder, encode_prompt, greedy_generate
+    from mtpkit.kernels import enable_fast_kernels
+    from mtpkit.prompts import load_builtin
+
+    monkeypatch.delenv("MTPKIT_CACHE", raising=False)
+    heads_dir = next((Path(__file__).resolve().parents[1] / "mtpkit" / "trained").iterdir())
+    heads = open_heads(heads_dir)
+    enable_fast_kernels(heads.backbone.model)
+    decoder = SpeculativeDecoder(heads, "chain")
+    tokens = forwards = 0
+    for record in load_builtin("heldout")[::24][:4]:  # one prompt from each of four categories
+        ids = encode_prompt(heads.backbone.tokenizer, record["prompt"], chat=True)
+        reference = greedy_generate(heads.backbone, ids, 48)
+        result = decoder.generate(ids, 48)
+        assert result.tokens == reference.tokens, record["id"]
+        tokens, forwards = tokens + len(result.tokens), forwards + result.forward_passes
+    assert tokens / forwards > 1.2  # trained heads: well above plain decoding's 1.00

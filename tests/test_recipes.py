@@ -40,3 +40,22 @@ def test_default_recipes_train_only_on_the_builtin_train_split():
         recipe = read_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
         assert recipe["data"] == ["builtin:prompts"]
         assert recipe["self_distill"] is True
+
+
+def test_shipped_heads_were_trained_by_their_recipe():
+    """The heads in mtpkit/trained are what `make heads` reproduces: same recipe settings."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = sorted((root / "mtpkit" / "trained").iterdir())
+    assert shipped, "mtpkit ships trained heads for the default model"
+    for heads_dir in shipped:
+        recipe = read_recipe(root / "recipes" / f"{heads_dir.name}.yaml")
+        config = json.loads((heads_dir / "mtp_config.json").read_text())
+        training = config["training"]
+        for key in ("data", "lr", "loss", "batch_size", "seed", "distill_max_new_tokens"):
+            assert training[key] == recipe[key], key
+        assert training["epochs"] == pytest.approx(recipe["epochs"])
+        assert config["base_model"] == "smollm2-135m" and config["style"] in heads_dir.name
+        assert len(training["eval"]["head_top1"]) == config["num_heads"]
+        assert (heads_dir / "heads.safetensors").stat().st_size < 32 * 2**20  # heads only, never the base

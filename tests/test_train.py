@@ -66,7 +66,7 @@ def test_head_weights_and_chain_tokens():
 @pytest.mark.parametrize("style, train_vocab", [("medusa", "data"), ("sequential", "data"), ("medusa", "full")])
 def test_training_lowers_the_loss_and_moves_only_the_heads(tiny_model_dirs, tmp_path, text_data, style, train_vocab):
     heads_dir = make_heads(tiny_model_dirs, tmp_path, style)
-    run = train.setup(heads_dir, options(text_data, max_steps=15, train_vocab=train_vocab))
+    run = train.setup(heads_dir, options(text_data, max_steps=15, train_vocab=train_vocab, loss="ce"))
     assert (run.vocab is None) == (train_vocab == "full")
     base_before = {k: v.clone() for k, v in run.heads.backbone.model.state_dict().items()}
     heads_before = {k: v.clone() for k, v in run.heads.state_dict().items()}
@@ -137,7 +137,7 @@ def test_finetune_writes_the_heads_dir_contract(tiny_model_dirs, tmp_path, text_
     records = [json.loads(line) for line in (heads_dir / METRICS_NAME).read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if "eval" in r] == [3, 6]
-    assert "mtpkit generate --heads" in (heads_dir / "README.md").read_text()
+    assert "mtpkit generate <this directory> --prompt" in (heads_dir / "README.md").read_text()
     reloaded = open_heads(heads_dir)  # the written dir loads again, with the trained weights
     for name, tensor in result.config and reloaded.state_dict().items():
         assert torch.equal(tensor, load_file(str(heads_dir / WEIGHTS_NAME))[name])
@@ -308,4 +308,6 @@ def test_bfloat16_base_with_mixed_precision_trains_float32_heads(tiny_model_dirs
     result = train.finetune(heads_dir, options(text_data, dtype="bfloat16", mixed_precision="bf16", max_steps=3))
     assert all(0 <= a <= 1 for a in result.eval["head_top1"])
     saved = load_file(str(heads_dir / WEIGHTS_NAME))
+    draft_vocab = saved.pop("draft_vocab")  # the target tokens of the training data, drafted from at decode time
+    assert draft_vocab.dtype == torch.int64 and draft_vocab.numel() > 0 and bool((draft_vocab.diff() > 0).all())
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())

@@ -29,3 +29,7 @@ def _version(version: bool = typer.Option(False, "--version", help="Print the ve
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

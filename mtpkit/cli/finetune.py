@@ -90,7 +90,7 @@ def finetune(
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: only at the end).")] = 50,
     save_every: Annotated[int, typer.Option(help="Write a resumable checkpoint every N steps (0: only on Ctrl-C).")] = 50,
     head_weights: Annotated[str, typer.Option(help="Per-head loss weights: uniform, linear, exponential (0.8^k), primary-aux, or K numbers like 1,0.5,0.3.")] = "exponential",
-    loss: Annotated[str, typer.Option(help="ce (cross-entropy on the data's next tokens) or distill (KL to the base's own distribution at the target position).")] = "ce",
+    loss: Annotated[str, typer.Option(help="distill (KL to the base's own distribution at the target position, Hydra's teacher loss) or ce (cross-entropy on the data's tokens).")] = "distill",
     train_vocab: Annotated[str, typer.Option(help="data (softmax over the tokens that occur in the training data: several times faster on a CPU) or full.")] = "data",
     self_distill: Annotated[Optional[bool], typer.Option("--self-distill/--no-self-distill", help="Let the base write the responses itself (default: on for prompt-only data).")] = None,
     distill_max_new_tokens: Annotated[int, typer.Option(help="Longest self-distilled response in tokens.")] = 128,
@@ -102,7 +102,7 @@ def finetune(
 ) -> None:
     """Train the draft heads of HEADS_DIR on a frozen base model.
 
-    Multi-GPU: accelerate launch -m mtpkit.cli.app finetune HEADS_DIR ...
+    Multi-GPU or multi-node: accelerate launch -m mtpkit finetune HEADS_DIR ...
     """
     arguments = dict(locals())
     given = {key: arguments[key] for key in RECIPE_KEYS}
