@@ -85,7 +85,9 @@ def calibration_key(heads: DraftHeads) -> str:
                torch.__version__, str(backbone.device), str(backbone.dtype), _kernel_mode(backbone)]
     digest.update(json.dumps([FORMAT_VERSION, backbone.fingerprint, machine], default=str).encode())
     digest.update(heads.config.style.encode())
-    for name, tensor in sorted(heads.state_dict().items()):
+    from mtpkit.checkpoint import heads_state_dict  # includes the draft vocabulary, which sets the draft cost
+
+    for name, tensor in sorted(heads_state_dict(heads).items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:24]
