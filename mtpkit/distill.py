@@ -76,25 +76,57 @@ def _cut_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
 
 @torch.no_grad()
 def generate_responses(backbone: Backbone, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of a batch of prompts (token ids), left-padded, cut after end-of-sequence."""
-    tokenizer = backbone.tokenizer
+    """Greedy continuations of a batch of prompts (token ids), left-padded, each cut after its end-of-sequence.
+
+    A plain loop on the stock cache rather than ``generate``: a row that has finished leaves the batch
+    (its cache rows are dropped), so the remaining rows stop paying for it.
+    """
+    from transformers import DynamicCache
+
+    tokenizer, device = backbone.tokenizer, backbone.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(backbone)
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    input_ids = torch.full((len(prompts), width), pad if pad is not None else 0, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention_mask[row, width - len(ids):] = 1
+        mask[row, width - len(ids):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = backbone.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+    responses: list[list[int]] = [[] for _ in prompts]
+    rows = torch.arange(len(prompts), device=device)  # which prompt each live batch row belongs to
+    stop = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    position = positions[:, -1]
+    for _ in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        for row, t in zip(rows.tolist(), token.tolist()):
+            responses[row].append(t)
+        alive = ~torch.isin(token, stop) if stop.numel() else torch.ones_like(token, dtype=torch.bool)
+        if not bool(alive.all()):
+            if not bool(alive.any()):
+                break
+            keep = alive.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, token, mask, position = rows[keep], token[keep], mask[keep], position[keep]
+        if len(responses[rows[0].item()]) >= max_new_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        position = position + 1
+        out = backbone.model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                             past_key_values=cache, use_cache=True)
+    return [_cut_at_eos(tokens, eos_ids) for tokens in responses]
+
+
+def _eos_ids(backbone: Backbone) -> set[int]:
     eos = backbone.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        eos_ids.add(tokenizer.eos_token_id)
-    output = backbone.model.generate(
-        input_ids=input_ids.to(backbone.device), attention_mask=attention_mask.to(backbone.device),
-        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos_ids) or None,
-        temperature=None, top_p=None, top_k=None)
-    new = output[:, width:].tolist()
-    return [_cut_at_eos(tokens, eos_ids) for tokens in new]
+    if backbone.tokenizer.eos_token_id is not None:
+        eos_ids.add(backbone.tokenizer.eos_token_id)
+    return eos_ids
 
 
 def distill(backbone: Backbone, examples: list[Example], max_new_tokens: int, *, batch_size: int | None = None,

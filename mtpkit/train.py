@@ -83,6 +83,7 @@ class FinetuneOptions:
     hidden_cache_gb: float = 4.0
     lora_rank: int = 8
     distill_batch_size: int | None = None
+    feature_loss: float = 0.0  # weight of the feature-regression term (EAGLE); 0: off
 
     def check(self) -> None:
         if self.loss not in LOSSES:
@@ -314,11 +315,15 @@ def draft_vocab(examples: list[TokenizedExample], limit: int = DRAFT_VOCAB_LIMIT
 
 
 def backward_heads(heads: DraftHeads, batch: Batch, hidden: torch.Tensor, weights: list[float], loss_type: str,
-                   accelerator, scale: float, lora: bool, vocab: TrainVocab | None = None) -> list[float | None]:
+                   accelerator, scale: float, lora: bool, vocab: TrainVocab | None = None,
+                   feature_weight: float = 0.0) -> list[float | None]:
     """Forward, loss and backward of one micro-batch; each head's mean loss, None where it had no target.
 
     With LoRA, entry 0 is the base's own next-token loss (Medusa-2 trains base and heads jointly).
     With ``vocab`` the softmax runs over the tokens of the training data only (a sampled softmax).
+    ``feature_weight`` adds EAGLE's feature regression: head k's state at t is scored by the output layer
+    just as the base's hidden state at t + k is, so it is pulled towards that state (smooth L1, mean over
+    dimensions): a dense target beside the token one.
     """
     with accelerator.autocast():
         states = heads.teacher_forced_states(hidden, _conditioning(heads, batch.ids))
@@ -349,6 +354,10 @@ def backward_heads(heads: DraftHeads, batch: Batch, hidden: torch.Tensor, weight
                 loss = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="sum")
             else:
                 loss = F.cross_entropy(logits, labels[chunk], reduction="sum")
+            if feature_weight and k > 0:
+                loss = loss + feature_weight * F.smooth_l1_loss(
+                    flat_state[chunk].float(), teacher_hidden[teacher_rows[start: start + CHUNK_ROWS]].float(),
+                    reduction="sum") / flat_state.shape[-1]
             total += loss.item()
             accelerator.backward(loss * (weight * scale / rows.numel()))
         losses.append(total / rows.numel())
@@ -638,7 +647,7 @@ def train(run: Run, callbacks: Callbacks | None = None) -> None:
                 hidden = batch.hidden if batch.hidden is not None else backbone.hidden(
                     batch.ids, attention_mask=batch.attention_mask).last_hidden_state
                 head_losses.append(backward_heads(heads, batch, hidden, run.weights, options.loss, accelerator,
-                                                  1.0 / len(micro), options.lora, run.vocab))
+                                                  1.0 / len(micro), options.lora, run.vocab, options.feature_loss))
             losses = [_mean(x) for x in zip(*head_losses)]
             if any(x is not None and not math.isfinite(x) for x in losses):
                 _stop_on_nonfinite(run, losses)

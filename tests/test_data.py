@@ -151,13 +151,13 @@ def test_chat_records_use_the_chat_template_and_mask_the_prompt(tiny_tokenizer):
 def test_self_distillation_is_cached_and_resumable(tiny_backbone, monkeypatch):
     examples = [Example("prompt", [{"role": "user", "content": f"What is {i} plus {i}?"}]) for i in range(5)]
     calls = []
-    real = tiny_backbone.model.generate
+    real = distill_module.generate_responses
 
-    def counting_generate(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return real(*args, **kwargs)
+    def counting_generate(backbone, prompts, max_new_tokens):
+        calls.append(len(prompts))
+        return real(backbone, prompts, max_new_tokens)
 
-    monkeypatch.setattr(tiny_backbone.model, "generate", counting_generate)
+    monkeypatch.setattr(distill_module, "generate_responses", counting_generate)
     first, stats = distill_module.distill(tiny_backbone, examples, max_new_tokens=6, batch_size=2)
     assert calls == [2, 2, 1] and (stats.generated, stats.cached) == (5, 0)
     assert all(1 <= len(r) <= 6 for r in first)
@@ -185,3 +185,21 @@ def test_greedy_generation_matches_unbatched(tiny_backbone):
     batched = distill_module.generate_responses(tiny_backbone, prompts, max_new_tokens=5)
     for prompt, response in zip(prompts, batched):
         assert distill_module.generate_responses(tiny_backbone, [prompt], max_new_tokens=5) == [response]
+
+
+def test_greedy_generation_matches_transformers_generate(tiny_backbone):
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    expected = tiny_backbone.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
+                                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert distill_module.generate_responses(tiny_backbone, [prompt], max_new_tokens=8) == [expected]
+
+
+def test_a_finished_row_leaves_the_batch_and_the_others_go_on(tiny_backbone, monkeypatch):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    alone = [distill_module.generate_responses(tiny_backbone, [p], max_new_tokens=8)[0] for p in prompts]
+    # make the first token of prompt 0's answer that prompt 1's answer never says the end-of-sequence token
+    cut = next(i for i, t in enumerate(alone[0]) if i > 0 and t not in alone[1] and t not in alone[0][:i])
+    monkeypatch.setattr(tiny_backbone.model.generation_config, "eos_token_id", alone[0][cut])
+    first, second = distill_module.generate_responses(tiny_backbone, prompts, max_new_tokens=8)
+    assert first == alone[0][: cut + 1]
+    assert second == alone[1]
