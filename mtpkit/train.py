@@ -463,7 +463,7 @@ class Run:
         o = self.options
         return {"batch_size": o.batch_size, "grad_accum": o.grad_accum, "total_steps": self.total_steps,
                 "lr": o.lr, "loss": o.loss, "weights": self.weights, "seed": o.seed, "lora": o.lora,
-                "train_vocab": o.train_vocab,
+                "train_vocab": o.train_vocab, "feature_loss": o.feature_loss,
                 "data": data_fingerprint(self.train_examples), "processes": self.accelerator.num_processes}
 
 
@@ -826,7 +826,7 @@ def save(run: Run, wall_seconds: float) -> list[Path]:
         "distill_max_new_tokens": options.distill_max_new_tokens if run.self_distill else None,
         "steps": run.step, "epochs": round(run.step / run.steps_per_epoch, 3), "lr": options.lr,
         "batch_size": options.batch_size, "grad_accum": options.grad_accum, "max_length": options.max_length,
-        "loss": options.loss, "train_vocab": run.vocab.ids.numel() if run.vocab is not None else "full",
+        "loss": options.loss, "feature_loss": options.feature_loss, "train_vocab": run.vocab.ids.numel() if run.vocab is not None else "full",
         "head_weights": options.head_weights, "weights": run.weights, "lora": options.lora,
         "mixed_precision": options.mixed_precision, "dtype": options.dtype, "seed": options.seed, "processes": run.accelerator.num_processes,
         "wall_seconds": round(wall_seconds, 1), "timings": {k: round(v, 1) for k, v in run.timings.items()},
@@ -897,7 +897,7 @@ is identical to the base's own.
 - style: {config.style}, {config.num_heads} heads x {config.num_layers} layer(s), {"own output layers" if config.own_lm_head else "sharing the base's output layer"}
 - LoRA on the base: {"yes (Medusa-2 style; the base's outputs change, adapter in `lora/`)" if config.lora else "no (the base is untouched)"}
 - data: {", ".join(t.get("data", []))} ({t.get("train_sequences")} training sequences{", responses self-distilled from the base" if t.get("self_distill") else ""})
-- training: {t.get("steps")} steps ({t.get("epochs")} epochs), lr {t.get("lr")}, batch {t.get("batch_size")} x {t.get("grad_accum")}, loss `{t.get("loss")}`, head weights `{t.get("head_weights")}`
+- training: {t.get("steps")} steps ({t.get("epochs")} epochs), lr {t.get("lr")}, batch {t.get("batch_size")} x {t.get("grad_accum")}, loss `{t.get("loss")}`{f' + feature regression x{t["feature_loss"]}' if t.get("feature_loss") else ''}, head weights `{t.get("head_weights")}`
 - wall time: {t.get("wall_seconds")} s; mtpkit {config.mtpkit_version}
 
 ## Held-out accuracy ({evaluation.get("examples", 0)} sequences)

@@ -82,6 +82,23 @@ def test_training_lowers_the_loss_and_moves_only_the_heads(tiny_model_dirs, tmp_
     assert moved and all(k.startswith("heads.") for k in moved)
 
 
+def test_feature_loss_adds_the_regression_to_the_base_hidden_state_at_t_plus_k(tiny_model_dirs, tmp_path, text_data):
+    """Fresh Medusa heads pass h_t through, so the added term is smooth-L1(h_t, h_{t+k}), weighted."""
+    heads_dir = make_heads(tiny_model_dirs, tmp_path, num_heads=2)
+    run = train.setup(heads_dir, options(text_data))
+    batch = train.collate(run.train_examples, [0, 1, 2], run.train_store, torch.device("cpu"))
+    args = (run.heads, batch, batch.hidden, [1.0, 1.0], "distill", run.accelerator, 1.0, False, run.vocab)
+    plain = train.backward_heads(*args)
+    with_feature = train.backward_heads(*args, feature_weight=2.0)
+    flat = batch.hidden.reshape(-1, batch.hidden.shape[-1])
+    for k in (1, 2):
+        _, valid = targets.head_targets(batch.ids, k, batch.loss_mask)
+        rows, at_target = train._rows(valid, k)
+        expected = torch.nn.functional.smooth_l1_loss(flat[rows], flat[at_target], reduction="none").mean()
+        assert expected > 0.01
+        assert with_feature[k - 1] - plain[k - 1] == pytest.approx(2.0 * float(expected), rel=1e-4)
+
+
 def test_train_vocab_holds_the_tokens_of_the_data():
     from mtpkit.data import TokenizedExample
 

@@ -15,7 +15,7 @@ from mtpkit.errors import MtpkitError
 # the options a recipe may set: every option of this command except --recipe itself
 RECIPE_KEYS = ("data", "epochs", "max_steps", "lr", "batch_size", "grad_accum", "max_length", "max_examples",
                "eval_fraction", "eval_every", "save_every", "head_weights", "loss", "train_vocab", "self_distill",
-               "distill_max_new_tokens", "lora", "mixed_precision", "dtype", "resume", "seed")
+               "distill_max_new_tokens", "feature_loss", "lora", "mixed_precision", "dtype", "resume", "seed")
 
 
 def read_recipe(path: Path) -> dict[str, Any]:
@@ -94,6 +94,7 @@ def finetune(
     train_vocab: Annotated[str, typer.Option(help="data (softmax over the tokens that occur in the training data: several times faster on a CPU) or full.")] = "data",
     self_distill: Annotated[Optional[bool], typer.Option("--self-distill/--no-self-distill", help="Let the base write the responses itself (default: on for prompt-only data).")] = None,
     distill_max_new_tokens: Annotated[int, typer.Option(help="Longest self-distilled response in tokens.")] = 128,
+    feature_loss: Annotated[float, typer.Option(help="Weight of the feature-regression term (EAGLE): each head's state is pulled towards the base's hidden state at its target position (0: off).")] = 0.0,
     lora: Annotated[bool, typer.Option("--lora", help="Also train a LoRA adapter on the base (Medusa-2); changes the base's outputs.")] = False,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (passed to accelerate).")] = "no",
     dtype: Annotated[str, typer.Option(help="dtype of the frozen base: float32, bfloat16 or float16 (not float32 needs --mixed-precision).")] = "float32",
