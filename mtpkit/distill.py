@@ -22,7 +22,7 @@ import torch
 from mtpkit.backbone import Backbone, cache_root
 from mtpkit.data import Example, prompt_ids
 
-CPU_BATCH_SIZE = 32  # measured on 2 cores: larger batches gain little once the rows stop fitting in cache
+CPU_BATCH_SIZE = 64  # measured on 2 cores with the loop below: 114 tokens/s at 64 rows, 86 at 32
 GPU_BATCH_SIZE = 64
 
 
