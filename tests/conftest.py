@@ -94,6 +94,16 @@ def tiny_backbone(family, tiny_tokenizer):
     return wrap_model(make_model(family, len(tiny_tokenizer)), tiny_tokenizer, f"tiny-{family}")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and OpenMP threads spinning on a shared 2-core box
+    can stall a 2-thread barrier; modules of tiny-model tests ask for this with ``pytestmark``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep calibration and model caches of tests out of the user's cache, but share GGUF conversions."""

@@ -26,13 +26,7 @@ EXPECTED_SHAPE = {"chat": "chat", "sharegpt": "chat", "instruction": "instructio
                   "prompt": "prompt", "turns": "prompt", "question-only": "prompt"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from more threads, and OpenMP threads spinning on a shared 2-core box cost a lot
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.mark.parametrize("name", sorted(RECORDS))
