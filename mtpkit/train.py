@@ -101,6 +101,8 @@ class FinetuneOptions:
             raise MtpkitError(f"--max-steps must be at least 1 (got {self.max_steps})")
         if self.lr <= 0:
             raise MtpkitError(f"--lr must be positive (got {self.lr})")
+        if self.feature_loss < 0:
+            raise MtpkitError(f"--feature-loss must be 0 or more (got {self.feature_loss})")
 
 
 @dataclass

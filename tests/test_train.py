@@ -310,6 +310,8 @@ def test_cli_refuses_a_missing_heads_dir_bad_options_and_recipe_keys(tmp_path, t
     assert bad_key.exit_code == 1 and "unknown option(s) learning_rate" in bad_key.output
     no_data = runner.invoke(app, ["finetune", str(tmp_path)])
     assert no_data.exit_code == 1 and "no training data" in no_data.output
+    negative = runner.invoke(app, ["finetune", str(tmp_path), "--data", str(text_data), "--feature-loss", "-1"])
+    assert negative.exit_code == 1 and "--feature-loss must be 0 or more" in negative.output
 
 
 def test_bfloat16_base_with_mixed_precision_trains_float32_heads(tiny_model_dirs, tmp_path, text_data):
