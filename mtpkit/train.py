@@ -51,6 +51,8 @@ HIDDEN_BATCH_TOKENS = 4096  # tokens per backbone forward when caching hidden st
 DRAFT_VOCAB_LIMIT = 32768  # EAGLE-3 drafts from 32k tokens too
 LORA_HEAD_SCALE = 0.2  # Medusa-2: with LoRA the base's own loss leads, the heads' is scaled down
 
+SETTINGS_ADDED_LATER = {"feature_loss": 0.0}  # resume settings older checkpoints lack, with the value they ran with
+
 
 @dataclass
 class FinetuneOptions:
@@ -774,7 +776,8 @@ def load_checkpoint(run: Run) -> None:
     except Exception as exc:  # torch raises several types on a damaged file
         raise MtpkitError(f"cannot read the checkpoint {run.checkpoint_path}: {type(exc).__name__}") from None
     settings = run.settings()
-    differ = [k for k in settings if state["settings"].get(k) != settings[k]]
+    saved = {**SETTINGS_ADDED_LATER, **state["settings"]}  # a checkpoint older than a setting ran with its default
+    differ = [k for k in settings if saved.get(k) != settings[k]]
     if differ:
         raise MtpkitError(f"--resume: the checkpoint in {run.checkpoint_path.parent} was made with different "
                           f"settings ({', '.join(differ)}); rerun with the same options, or without --resume")

@@ -198,6 +198,14 @@ def test_resume_refuses_other_settings_or_no_checkpoint(tiny_model_dirs, tmp_pat
         train.finetune(heads_dir, options(text_data), callbacks=train.Callbacks(after_step=StopAt(2)))
     with pytest.raises(MtpkitError, match="different settings.*lr"):
         train.setup(heads_dir, options(text_data, resume=True, lr=5e-3))
+    # a checkpoint written before --feature-loss existed ran without it
+    path = heads_dir / CHECKPOINT_DIR / train.CHECKPOINT_FILE
+    state = torch.load(path, weights_only=True)
+    del state["settings"]["feature_loss"]
+    torch.save(state, path)
+    assert train.setup(heads_dir, options(text_data, resume=True)).step == 2
+    with pytest.raises(MtpkitError, match="different settings.*feature_loss"):
+        train.setup(heads_dir, options(text_data, resume=True, feature_loss=1.0))
 
 
 def test_hidden_states_on_disk_give_the_same_heads(tiny_model_dirs, tmp_path, text_data):
