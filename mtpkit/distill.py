@@ -67,13 +67,6 @@ def default_batch_size(backbone: Backbone) -> int:
     return GPU_BATCH_SIZE if backbone.device.type == "cuda" else CPU_BATCH_SIZE
 
 
-def _cut_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
-    for i, token in enumerate(tokens):
-        if token in eos_ids:
-            return tokens[: i + 1]  # keep the end-of-turn token: the heads should learn where answers stop
-    return tokens
-
-
 @torch.no_grad()
 def generate_responses(backbone: Backbone, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations of a batch of prompts (token ids), left-padded, each cut after its end-of-sequence.
@@ -118,7 +111,7 @@ def generate_responses(backbone: Backbone, prompts: list[list[int]], max_new_tok
         position = position + 1
         out = backbone.model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
                              past_key_values=cache, use_cache=True)
-    return [_cut_at_eos(tokens, eos_ids) for tokens in responses]
+    return responses  # each ends with its end-of-sequence token, if it reached one: the heads learn where answers stop
 
 
 def _eos_ids(backbone: Backbone) -> set[int]:
