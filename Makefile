@@ -28,10 +28,12 @@ demo: setup
 
 # Reproduce the shipped default heads from nothing (self-distill + train: 23.6 min measured on 2 CPU cores),
 # then copy the trained files (not the resumable checkpoint) over mtpkit/trained/.
-HEADS_NAME := smollm2-135m-sequential
+# `make heads HEADS_STYLE=eagle` trains the eagle heads of recipes/smollm2-135m-eagle.yaml instead.
+HEADS_STYLE ?= sequential
+HEADS_NAME := smollm2-135m-$(HEADS_STYLE)
 heads: setup
 	rm -rf heads/$(HEADS_NAME)
-	$(BIN)/mtpkit attach --model smollm2-135m --style sequential --heads 4 --out heads/$(HEADS_NAME)
+	$(BIN)/mtpkit attach --model smollm2-135m --style $(HEADS_STYLE) --heads 4 --out heads/$(HEADS_NAME)
 	$(BIN)/mtpkit finetune heads/$(HEADS_NAME) --recipe recipes/$(HEADS_NAME).yaml
 	rm -rf mtpkit/trained/$(HEADS_NAME) && mkdir -p mtpkit/trained/$(HEADS_NAME)
 	cp heads/$(HEADS_NAME)/mtp_config.json heads/$(HEADS_NAME)/heads.safetensors heads/$(HEADS_NAME)/README.md \

@@ -20,6 +20,7 @@ import torch
 
 from mtpkit.backbone import Backbone, cache_root
 from mtpkit.config import HeadsConfig
+from mtpkit.draft_layer import append_keys
 from mtpkit.heads import DraftHeads
 from mtpkit.targets import conditioning_tokens, head_targets
 from mtpkit.tree import MAX_RANK, expected_tokens, greedy_tree
@@ -27,7 +28,8 @@ from mtpkit.tree import MAX_RANK, expected_tokens, greedy_tree
 FORWARD_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 CALIBRATION_PROMPTS = 4
 CALIBRATION_TOKENS = 32
-FORMAT_VERSION = 1
+DRAFT_CONTEXT = 128  # committed positions in the eagle draft cache while its drafting is timed
+FORMAT_VERSION = 2  # 2: draft costs measured with the heads on the same kernels as the base
 
 
 @dataclass
@@ -160,12 +162,22 @@ def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> float:
     backbone = heads.backbone
     hidden = torch.zeros(1, backbone.hidden_size, device=backbone.device, dtype=backbone.dtype)
     token = torch.zeros(1, dtype=torch.long, device=backbone.device)
+    cache = heads.new_draft_cache()
+    if cache is not None:  # eagle attends over the context: give it a typical one
+        heads.commit(cache, hidden.expand(DRAFT_CONTEXT, -1), token.expand(DRAFT_CONTEXT))
     times = []
     for attempt in range(repeats + 1):
         start = time.perf_counter()
-        state = None
+        state, drafted = None, None
         for k in range(1, heads.num_heads + 1):
-            state = heads.state(k, hidden, state, token)
+            if cache is None:
+                state = heads.state(k, hidden, state, token)
+            elif k == 1:  # a step commits the last step's accepted tokens (two, typically) first
+                state = heads.commit(cache, hidden.expand(2, -1), token.expand(2))
+            else:
+                visible = None if drafted is None else torch.ones(1, k - 2, dtype=torch.bool, device=backbone.device)
+                state, own = heads.draft_step(cache, state, token, cache.length + k - 2, drafted, visible)
+                drafted = append_keys(drafted, own)
             heads.draft_logits(k, state)[0].topk(MAX_RANK, dim=-1)
         if attempt:
             times.append(time.perf_counter() - start)

@@ -18,7 +18,7 @@ CARD_NAME = "README.md"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 
-STYLES = ("medusa", "sequential")
+STYLES = ("medusa", "sequential", "eagle")
 DEFAULT_MODEL = "smollm2-135m"
 
 

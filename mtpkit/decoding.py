@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 
 from mtpkit.backbone import Backbone
+from mtpkit.draft_layer import append_keys
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads
 from mtpkit.tree import Tree, build_tree, chain_choices, expected_tokens, load_tree_file
@@ -396,8 +397,13 @@ class SpeculativeDecoder:
         output = _Output(backbone, budget, stop_strings, on_tokens)
         start = time.perf_counter()
         cache = DynamicCache(config=backbone.config)
-        hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[0, -1:]
-        root = self._next_token(backbone.logits(hidden)[0])
+        draft_cache = self.heads.new_draft_cache()
+        # the base's hidden states of the newly committed positions; the last one's next token is the root
+        hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[0]
+        if draft_cache is None:
+            hidden = hidden[-1:]
+        root = self._next_token(backbone.logits(hidden[-1:])[0])
+        next_tokens = ids[0, 1:].tolist() + [root]  # the token after each row of ``hidden``
         forward_passes, accepted_lengths = 1, []
         prefix = ids.shape[1]
         output.push([root])
@@ -407,8 +413,9 @@ class SpeculativeDecoder:
             if context is not None and prefix + plan.max_depth >= context:
                 plan = self._root_plan
             step_start = time.perf_counter()
-            tokens, hidden, root, kept, info = self._step(plan, cache, hidden, root, prefix, capacity,
-                                                          trace is not None)
+            tokens, hidden, kept, info = self._step(plan, cache, draft_cache, hidden, next_tokens, prefix,
+                                                    capacity, trace is not None)
+            next_tokens = tokens
             forward_passes += 1
             prefix += kept
             committed = output.push(tokens)
@@ -422,11 +429,20 @@ class SpeculativeDecoder:
 
     # -------------------------------------------------------------- one step
 
-    def _step(self, plan: _Plan, cache, hidden: torch.Tensor, root: int, prefix: int, capacity: int, tracing: bool):
-        """Draft, verify, accept; return (new tokens, next hidden, next root, KV entries kept, trace info)."""
+    def _step(self, plan: _Plan, cache, draft_cache, hidden: torch.Tensor, next_tokens: list[int], prefix: int,
+              capacity: int, tracing: bool):
+        """Draft, verify, accept; return (new tokens, their hidden states, KV entries kept, trace info).
+
+        ``hidden``: the base's hidden states of the positions committed by the last step, ``next_tokens`` the
+        token after each (the last is the root); only eagle heads read more than the last row.
+        """
         tokens = plan.tokens
-        tokens[0] = root
-        confidences = self._draft(plan, hidden, tokens, tracing)
+        tokens[0] = next_tokens[-1]
+        if draft_cache is not None:
+            root_state = self.heads.commit(draft_cache, hidden, torch.tensor(next_tokens, device=hidden.device))
+            confidences = self._draft_eagle(plan, draft_cache, root_state, tokens, tracing)
+        else:
+            confidences = self._draft(plan, hidden[-1:], tokens, tracing)
         positions = (plan.offsets + prefix).unsqueeze(0)
         verified = self.backbone.hidden(tokens.unsqueeze(0), past_key_values=cache, position_ids=positions,
                                         attention_mask=plan.mask(prefix, capacity, self.backbone.dtype),
@@ -443,7 +459,8 @@ class SpeculativeDecoder:
             info = dict(draft_tokens=tokens.tolist(), draft_parents=plan.tree.parents.tolist(),
                         draft_confidences=confidences, accepted_nodes=nodes, accepted_length=len(new_tokens),
                         rejected_node=rejected)
-        return new_tokens, verified[last:last + 1], new_tokens[-1], len(nodes), info
+        kept_hidden = verified[last:last + 1] if draft_cache is None else verified[nodes]
+        return new_tokens, kept_hidden, len(nodes), info
 
     def _draft(self, plan: _Plan, hidden: torch.Tensor, tokens: torch.Tensor, tracing: bool) -> list[float] | None:
         """Fill ``tokens[1:]`` with the heads' drafts (depth by depth); return their confidences when tracing."""
@@ -472,8 +489,33 @@ class SpeculativeDecoder:
             drafted = top.indices.reshape(-1).index_select(0, dp["flat"])
             tokens[dp["start"]:dp["stop"]] = drafted if columns is None else columns.index_select(0, drafted)
             if tracing:
-                probs = (top.values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
-                confidences.extend(probs.reshape(-1).index_select(0, dp["flat"]).tolist())
+                confidences.extend(_confidences(logits, top, dp["flat"]))
+        return confidences
+
+    def _draft_eagle(self, plan: _Plan, draft_cache, root_state: torch.Tensor, tokens: torch.Tensor,
+                     tracing: bool) -> list[float] | None:
+        """Eagle drafting: the draft model runs once per depth over that depth's expanding nodes; each node
+        attends to the draft cache and to its own ancestors drafted before it (the tree's ancestor mask)."""
+        heads = self.heads
+        confidences = [] if tracing else None
+        anchor = draft_cache.length - 1  # the root's own position in the draft cache
+        states, drafted, drafted_ids = root_state, None, None
+        for dp in plan.depth_plans:
+            d = dp["depth"]
+            if d > 1:
+                parents = dp["expanding"]
+                visible = None if drafted_ids is None else \
+                    plan.ancestor_mask.index_select(0, parents).index_select(1, drafted_ids)
+                states, own = heads.draft_step(draft_cache, states.index_select(0, dp["parent_slots"]),
+                                               tokens.index_select(0, parents), anchor + d - 1, drafted, visible)
+                drafted = append_keys(drafted, own)
+                drafted_ids = parents if drafted_ids is None else torch.cat([drafted_ids, parents])
+            logits, columns = heads.draft_logits(d, states)
+            top = torch.topk(logits, dp["top_k"], dim=-1)
+            picked = top.indices.reshape(-1).index_select(0, dp["flat"])
+            tokens[dp["start"]:dp["stop"]] = picked if columns is None else columns.index_select(0, picked)
+            if tracing:
+                confidences.extend(_confidences(logits, top, dp["flat"]))
         return confidences
 
     def _accept_longest(self, plan: _Plan, tokens: torch.Tensor, logits: torch.Tensor):
@@ -561,6 +603,12 @@ class SpeculativeDecoder:
         if not self.sampling:
             return logits.argmax(-1).item()
         return self._sample(self._target_probs(logits))
+
+
+def _confidences(logits: torch.Tensor, top, flat: torch.Tensor) -> list[float]:
+    """The drafting head's probability of each drafted token, in node order."""
+    probs = (top.values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+    return probs.reshape(-1).index_select(0, flat).tolist()
 
 
 def rejection_walk(children: list[list[int]], child_probs: list[float], uniform: Callable[[], float]):

@@ -3,7 +3,9 @@
 ``medusa``: head k is L residual blocks ``x + SiLU(W x + b)`` on the base's last hidden
 state h. ``sequential`` (Hydra / DeepSeek-V3 MTP): head k first fuses head k-1's state
 (h for k = 1) with the normed input embedding of the token it is conditioned on, then runs
-its own residual blocks, so later heads know the earlier drafts.
+its own residual blocks, so later heads know the earlier drafts. ``eagle`` (EAGLE): one small draft
+model with its own attention over the sequence (``mtpkit.draft_layer``), run once per draft depth on
+its previous output and the token drafted before, with a KV cache of its own at decode time.
 
 Every head scores its state with the base's frozen output layer unless ``own_lm_head`` is
 set. Fresh heads are zero-initialised so they reproduce the base's next-token distribution.
@@ -17,6 +19,7 @@ from torch import nn
 
 from mtpkit.backbone import Backbone
 from mtpkit.config import HeadsConfig
+from mtpkit.draft_layer import DraftCache, EagleHead, RMSNorm
 
 
 class ResidualBlock(nn.Module):
@@ -30,17 +33,6 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + nn.functional.silu(self.linear(x))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
 
 class MedusaHead(nn.Module):
@@ -80,8 +72,11 @@ class DraftHeads(nn.Module):
         self.config = config
         self.backbone = backbone  # a plain dataclass, so its weights are not registered here
         hidden, layers = config.hidden_size, config.num_layers
-        make = (lambda: MedusaHead(hidden, layers)) if config.style == "medusa" else (lambda: SequentialHead(hidden, layers))
-        self.heads = nn.ModuleList(make() for _ in range(config.num_heads))
+        if config.style == "eagle":  # one draft model, run once per depth
+            self.heads = nn.ModuleList([EagleHead(hidden, layers)])
+        else:
+            make = (lambda: MedusaHead(hidden, layers)) if config.style == "medusa" else (lambda: SequentialHead(hidden, layers))
+            self.heads = nn.ModuleList(make() for _ in range(config.num_heads))
         if config.own_lm_head:
             base_weight = backbone.model.get_output_embeddings().weight.detach()
             self.lm_heads = nn.ParameterList(
@@ -96,7 +91,12 @@ class DraftHeads(nn.Module):
 
     @property
     def is_sequential(self) -> bool:
-        return self.config.style == "sequential"
+        """Whether each depth's drafts depend on the parent draft's token and state (sequential and eagle)."""
+        return self.config.style in ("sequential", "eagle")
+
+    @property
+    def is_eagle(self) -> bool:
+        return self.config.style == "eagle"
 
     def state(self, k: int, hidden: torch.Tensor, prev_state: torch.Tensor | None = None,
               token: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,6 +105,8 @@ class DraftHeads(nn.Module):
         Sequential heads also take head k-1's state (h itself for k = 1) and the id of the token
         they are conditioned on (``mtpkit.targets.conditioning_offset``); Medusa heads ignore both.
         """
+        if self.is_eagle:
+            raise TypeError("eagle heads attend over the sequence: use teacher_forced_states or the draft cache")
         head = self.heads[k - 1]
         if not self.is_sequential:
             return head(hidden)
@@ -147,11 +149,42 @@ class DraftHeads(nn.Module):
         ``conditioning[k - 1]`` holds the token ids head k is conditioned on at each position
         (``mtpkit.targets.conditioning_tokens``); Medusa heads ignore it.
         """
+        if self.is_eagle:
+            return self.heads[0].teacher_forced(hidden, [self.backbone.embed(tokens) for tokens in conditioning])
         states, prev = [], hidden
         for k in range(1, self.num_heads + 1):
             prev = self.state(k, hidden, prev, conditioning[k - 1] if self.is_sequential else None)
             states.append(prev)
         return states
+
+    # ------------------------------------------------------------------ eagle: drafting on a KV cache
+
+    def new_draft_cache(self) -> DraftCache | None:
+        """An empty KV cache for the eagle draft model (None for the other styles, which keep no context)."""
+        return DraftCache(len(self.heads[0].layers)) if self.is_eagle else None
+
+    def commit(self, cache: DraftCache, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Feed committed positions to the eagle draft model: the base's features h_t [n, H] with tokens t + 1
+        [n]; their keys join ``cache``. Returns the state at the last one [1, H] (its drafts are depth 1)."""
+        head = self.heads[0]
+        positions = torch.arange(cache.length, cache.length + features.shape[0], device=features.device)
+        past = [cache.segments(layer) for layer in range(len(head.layers))]
+        states, own = head(features.unsqueeze(0), self.backbone.embed(next_tokens).unsqueeze(0), positions, past, "causal")
+        for layer, (keys, values) in enumerate(own):
+            cache.append(layer, keys, values)
+        return states[0, -1:]
+
+    def draft_step(self, cache: DraftCache, prev_states: torch.Tensor, tokens: torch.Tensor, position: int,
+                   nodes: list[tuple[torch.Tensor, torch.Tensor]] | None, visible: torch.Tensor | None):
+        """Eagle states [n, H] of n draft-tree nodes at one depth (``position``), from their parents' states and
+        their own tokens [n]. They see the cache, their ancestors among the earlier drafted ``nodes`` (per layer:
+        keys and values [1, h, m, d]; ``visible`` [n, m]) and themselves. Returns the states and their keys."""
+        head = self.heads[0]
+        past = [cache.segments(layer) + ([] if nodes is None else [(*nodes[layer], visible)])
+                for layer in range(len(head.layers))]
+        positions = torch.full((tokens.shape[0],), position, device=tokens.device)
+        states, own = head(prev_states.unsqueeze(0), self.backbone.embed(tokens).unsqueeze(0), positions, past, "diagonal")
+        return states[0], own
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -881,6 +881,13 @@ def plot_history(history: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _shape(config: HeadsConfig) -> str:
+    if config.style == "eagle":
+        return (f"eagle, one draft model of {config.num_layers} decoder layer(s) with its own attention, "
+                f"run {config.num_heads} times per step (one per draft depth)")
+    return f"{config.style}, {config.num_heads} heads x {config.num_layers} layer(s)"
+
+
 def model_card(config: HeadsConfig) -> str:
     t = config.training
     evaluation = t.get("eval", {})
@@ -899,7 +906,7 @@ Multi-token-prediction draft heads trained with mtpkit on the frozen base
 Head k predicts the token k + 1 positions ahead; the base verifies every draft, so greedy output
 is identical to the base's own.
 
-- style: {config.style}, {config.num_heads} heads x {config.num_layers} layer(s), {"own output layers" if config.own_lm_head else "sharing the base's output layer"}
+- style: {_shape(config)}, {"own output layers" if config.own_lm_head else "sharing the base's output layer"}
 - LoRA on the base: {"yes (Medusa-2 style; the base's outputs change, adapter in `lora/`)" if config.lora else "no (the base is untouched)"}
 - data: {", ".join(t.get("data", []))} ({t.get("train_sequences")} training sequences{", responses self-distilled from the base" if t.get("self_distill") else ""})
 - training: {t.get("steps")} steps ({t.get("epochs")} epochs), lr {t.get("lr")}, batch {t.get("batch_size")} x {t.get("grad_accum")}, loss `{t.get("loss")}`{f' + feature regression x{t["feature_loss"]}' if t.get("feature_loss") else ''}, head weights `{t.get("head_weights")}`

@@ -24,7 +24,7 @@ def assert_one_line_error(result, fragment):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("style", ["medusa", "sequential"])
+@pytest.mark.parametrize("style", ["medusa", "sequential", "eagle"])
 def test_attach_writes_heads_dir(tiny_model_dirs, tmp_path, family, style):
     out = tmp_path / "heads"
     result = run("attach", "--model", tiny_model_dirs[family], "--style", style, "--heads", 3, "--out", out)
@@ -62,7 +62,7 @@ def test_bad_inputs_give_one_line_errors(tiny_model_dirs, tmp_path):
         (("--model", "no-such-alias"), "unknown model alias"),
         (("--model", bad_gguf), "could not read GGUF"),
         (("--model", model, "--heads", 0), "at least 1"),
-        (("--model", model, "--style", "eagle"), "unknown head style"),
+        (("--model", model, "--style", "hydra"), "unknown head style"),
         (("--model", model, "--dtype", "int3"), "unknown dtype"),
     ]
     for args, fragment in cases:

@@ -15,7 +15,7 @@ from tests.conftest import make_model
 from tests.test_heads import make_config
 
 
-@pytest.mark.parametrize("style", ["medusa", "sequential"])
+@pytest.mark.parametrize("style", ["medusa", "sequential", "eagle"])
 def test_save_load_round_trip_is_allclose(tiny_backbone, tmp_path, style):
     heads = build_heads(make_config(tiny_backbone, style=style, own_lm_head=True), tiny_backbone)
     with torch.no_grad():

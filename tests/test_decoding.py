@@ -12,6 +12,7 @@ import torch
 from mtpkit.config import HeadsConfig
 from mtpkit.decoding import (SpeculativeDecoder, _Plan, encode_prompt, greedy_generate, rejection_walk,
                              supports_tree_attention, tree_mask)
+from mtpkit.draft_layer import append_keys
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads, build_heads
 from mtpkit.tree import build_tree
@@ -84,19 +85,20 @@ def test_tiny_families_support_tree_attention(tiny_backbone):
     assert supports_tree_attention(tiny_backbone)
 
 
-@pytest.mark.parametrize("style", ["medusa", "sequential"])
+@pytest.mark.parametrize("style", ["medusa", "sequential", "eagle"])
 @pytest.mark.parametrize("tree", ["chain", TREE], ids=["chain", "tree"])
 def test_speculative_greedy_equals_plain_greedy(tiny_backbone, style, tree):
     ids = prompt_ids(tiny_backbone)
     reference = greedy_generate(tiny_backbone, ids, 40)
     assert reference.forward_passes == len(reference.tokens) and reference.mean_accepted_tokens == 1.0
     sequence = ids[0].tolist() + reference.tokens
-    candidates = {
-        "random": random_heads(tiny_backbone, style),
-        "oracle": OracleHeads(tiny_backbone, style, sequence),
-        # head 2's true token at rank 1: a tree accepts a path off the top-1 chain (KV index-select)
-        "oracle-rank1": OracleHeads(tiny_backbone, style, sequence, ranks={2: 1}),
-    }
+    candidates = {"random": random_heads(tiny_backbone, style)}
+    if style != "eagle":  # the oracle stands in for per-position heads; eagle's drafts are tested in test_heads
+        candidates.update({
+            "oracle": OracleHeads(tiny_backbone, style, sequence),
+            # head 2's true token at rank 1: a tree accepts a path off the top-1 chain (KV index-select)
+            "oracle-rank1": OracleHeads(tiny_backbone, style, sequence, ranks={2: 1}),
+        })
     for name, heads in candidates.items():
         result = SpeculativeDecoder(heads, tree).generate(ids, 40)
         assert result.tokens == reference.tokens, name
@@ -107,6 +109,41 @@ def test_speculative_greedy_equals_plain_greedy(tiny_backbone, style, tree):
             assert result.mean_accepted_tokens > 3.0  # 4 heads, all right: ~5 tokens per step
         if name == "oracle-rank1":
             assert result.mean_accepted_tokens > (3.0 if tree == TREE else 1.5)
+
+
+def test_eagle_tree_drafts_equal_chain_drafts_along_each_path(tiny_backbone):
+    """In a tree, an eagle node sees the draft cache and its own ancestors only: its children are what a
+    chain drafted along its path would draft."""
+    heads = random_heads(tiny_backbone, "eagle", num_heads=4)
+    decoder = SpeculativeDecoder(heads, TREE)
+    plan, tree = decoder._plan, decoder.tree
+    ids = prompt_ids(tiny_backbone)
+    with torch.no_grad():
+        hidden = tiny_backbone.hidden(ids).last_hidden_state[0]
+        cache = heads.new_draft_cache()
+        root_state = heads.commit(cache, hidden, torch.tensor(ids[0, 1:].tolist() + [7]))
+        tokens = plan.tokens.clone()
+        tokens[0] = 7
+        decoder._draft_eagle(plan, cache, root_state, tokens, False)
+        parents, depths, ranks = tree.parents.tolist(), tree.depths.tolist(), tree.ranks.tolist()
+        checked = 0
+        for node in range(tree.num_nodes):
+            children = [c for c in range(tree.num_nodes) if c and parents[c] == node]
+            if not children:
+                continue
+            path = [node]
+            while path[0]:
+                path.insert(0, parents[path[0]])
+            state, drafted = root_state, None
+            for depth, along in enumerate(path[1:], start=1):
+                visible = None if drafted is None else torch.ones(1, drafted[0][0].shape[2], dtype=torch.bool)
+                state, own = heads.draft_step(cache, state, tokens[along:along + 1], cache.length - 1 + depth,
+                                              drafted, visible)
+                drafted = append_keys(drafted, own)
+            top = heads.draft_logits(depths[node] + 1, state)[0].topk(max(ranks[c] for c in children) + 1).indices[0]
+            assert [tokens[c].item() for c in children] == [top[ranks[c]].item() for c in children]
+            checked += 1
+        assert checked == 6  # the root and the five inner nodes of TREE
 
 
 def test_tree_path_off_the_top1_chain_is_accepted(tiny_backbone):

@@ -57,7 +57,8 @@ def test_head_weights_and_chain_tokens():
     assert train.chain_tokens([]) == 1.0
 
 
-@pytest.mark.parametrize("style, train_vocab", [("medusa", "data"), ("sequential", "data"), ("medusa", "full")])
+@pytest.mark.parametrize("style, train_vocab", [("medusa", "data"), ("sequential", "data"), ("eagle", "data"),
+                                               ("medusa", "full")])
 def test_training_lowers_the_loss_and_moves_only_the_heads(tiny_model_dirs, tmp_path, text_data, style, train_vocab):
     heads_dir = make_heads(tiny_model_dirs, tmp_path, style)
     run = train.setup(heads_dir, options(text_data, max_steps=15, train_vocab=train_vocab, loss="ce"))

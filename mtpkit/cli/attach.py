@@ -16,9 +16,9 @@ from mtpkit.config import DEFAULT_MODEL
 def attach(
     out: Annotated[Path, typer.Option("--out", help="Heads directory to write.")],
     model: Annotated[str, typer.Option(help="Base model: alias (smollm2-135m), hub id, local dir, .gguf file or PEFT adapter dir.")] = DEFAULT_MODEL,
-    style: Annotated[str, typer.Option(help="Head style: medusa (independent heads) or sequential (Hydra / DeepSeek MTP).")] = "medusa",
-    heads: Annotated[int, typer.Option("--heads", help="Number of draft heads K.")] = 4,
-    layers: Annotated[int, typer.Option(help="Residual blocks per head.")] = 1,
+    style: Annotated[str, typer.Option(help="Head style: medusa (independent heads), sequential (Hydra / DeepSeek MTP) or eagle (a draft decoder layer with its own attention, EAGLE).")] = "medusa",
+    heads: Annotated[int, typer.Option("--heads", help="Number of draft heads K (eagle: draft depth).")] = 4,
+    layers: Annotated[int, typer.Option(help="Residual blocks per head (eagle: draft decoder layers).")] = 1,
     own_lm_head: Annotated[bool, typer.Option("--own-lm-head", help="Give each head a trainable copy of the output layer instead of sharing the frozen one.")] = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")] = False,
