@@ -205,7 +205,9 @@ class Runner:
         from mtpkit import kernels
 
         fast = self.settings.fast_kernels and not method.startswith("hf-")
-        (kernels.enable_fast_kernels if fast else kernels.disable_fast_kernels)(self.backbone.model)
+        switch = kernels.enable_fast_kernels if fast else kernels.disable_fast_kernels
+        switch(self.backbone.model)
+        switch(self.heads)  # the draft layers run on few rows too
 
     def run(self, method: str, input_ids: torch.Tensor, max_new_tokens: int) -> MethodRun:
         self.kernels(method)

@@ -93,6 +93,7 @@ def generate(
         heads = open_heads(heads_dir, model=model, dtype=dtype)
         if fast_kernels:
             enable_fast_kernels(heads.backbone.model)
+            enable_fast_kernels(heads)  # the draft layers run on few rows too
     with console.status("calibrating the tree for this machine" if tree_spec == "auto" else "building the tree"):
         decoder = SpeculativeDecoder(heads, tree_spec, temperature=temperature, top_p=top_p, top_k=top_k,
                                      typical=typical, seed=seed)
