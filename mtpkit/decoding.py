@@ -485,11 +485,7 @@ class SpeculativeDecoder:
                 else:
                     states = heads.state(d, hidden)
                 logits, columns = heads.draft_logits(d, states)
-            top = torch.topk(logits, dp["top_k"], dim=-1)
-            drafted = top.indices.reshape(-1).index_select(0, dp["flat"])
-            tokens[dp["start"]:dp["stop"]] = drafted if columns is None else columns.index_select(0, drafted)
-            if tracing:
-                confidences.extend(_confidences(logits, top, dp["flat"]))
+            _place_drafts(dp, logits, columns, tokens, confidences)
         return confidences
 
     def _draft_eagle(self, plan: _Plan, draft_cache, root_state: torch.Tensor, tokens: torch.Tensor,
@@ -510,12 +506,7 @@ class SpeculativeDecoder:
                                                tokens.index_select(0, parents), anchor + d - 1, drafted, visible)
                 drafted = append_keys(drafted, own)
                 drafted_ids = parents if drafted_ids is None else torch.cat([drafted_ids, parents])
-            logits, columns = heads.draft_logits(d, states)
-            top = torch.topk(logits, dp["top_k"], dim=-1)
-            picked = top.indices.reshape(-1).index_select(0, dp["flat"])
-            tokens[dp["start"]:dp["stop"]] = picked if columns is None else columns.index_select(0, picked)
-            if tracing:
-                confidences.extend(_confidences(logits, top, dp["flat"]))
+            _place_drafts(dp, *heads.draft_logits(d, states), tokens, confidences)
         return confidences
 
     def _accept_longest(self, plan: _Plan, tokens: torch.Tensor, logits: torch.Tensor):
@@ -605,10 +596,16 @@ class SpeculativeDecoder:
         return self._sample(self._target_probs(logits))
 
 
-def _confidences(logits: torch.Tensor, top, flat: torch.Tensor) -> list[float]:
-    """The drafting head's probability of each drafted token, in node order."""
-    probs = (top.values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
-    return probs.reshape(-1).index_select(0, flat).tolist()
+def _place_drafts(dp: dict, logits: torch.Tensor, columns: torch.Tensor | None, tokens: torch.Tensor,
+                  confidences: list[float] | None) -> None:
+    """Write one depth's drafts (each expanding node's top-k, in node order) into ``tokens``; when tracing,
+    append the drafting head's probability of each to ``confidences``."""
+    top = torch.topk(logits, dp["top_k"], dim=-1)
+    picked = top.indices.reshape(-1).index_select(0, dp["flat"])
+    tokens[dp["start"]:dp["stop"]] = picked if columns is None else columns.index_select(0, picked)
+    if confidences is not None:
+        probs = (top.values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+        confidences.extend(probs.reshape(-1).index_select(0, dp["flat"]).tolist())
 
 
 def rejection_walk(children: list[list[int]], child_probs: list[float], uniform: Callable[[], float]):

@@ -72,6 +72,15 @@ class RMSNorm(nn.Module):
         return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
 
+def identity_fuse(hidden_size: int) -> nn.Linear:
+    """``[state; token] -> state`` as a linear layer starting at ``[I | 0]``: a fresh head passes the state through."""
+    fuse = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+    with torch.no_grad():
+        fuse.weight.zero_()
+        fuse.weight[:, :hidden_size].copy_(torch.eye(hidden_size))
+    return fuse
+
+
 class DraftAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
@@ -169,10 +178,7 @@ class EagleHead(nn.Module):
     def __init__(self, hidden_size: int, num_layers: int):
         super().__init__()
         self.token_norm = RMSNorm(hidden_size)
-        self.fuse = nn.Linear(2 * hidden_size, hidden_size, bias=False)
-        with torch.no_grad():  # [I | 0]: a fresh head passes the previous state through
-            self.fuse.weight.zero_()
-            self.fuse.weight[:, :hidden_size].copy_(torch.eye(hidden_size))
+        self.fuse = identity_fuse(hidden_size)
         heads = attention_heads_for(hidden_size)
         self.head_dim = hidden_size // heads
         self.layers = nn.ModuleList(DraftDecoderLayer(hidden_size, heads) for _ in range(num_layers))

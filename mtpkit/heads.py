@@ -19,7 +19,7 @@ from torch import nn
 
 from mtpkit.backbone import Backbone
 from mtpkit.config import HeadsConfig
-from mtpkit.draft_layer import DraftCache, EagleHead, RMSNorm
+from mtpkit.draft_layer import DraftCache, EagleHead, RMSNorm, identity_fuse
 
 
 class ResidualBlock(nn.Module):
@@ -51,10 +51,7 @@ class SequentialHead(nn.Module):
     def __init__(self, hidden_size: int, num_layers: int):
         super().__init__()
         self.token_norm = RMSNorm(hidden_size)
-        self.fuse = nn.Linear(2 * hidden_size, hidden_size, bias=False)
-        with torch.no_grad():  # [I | 0]: a fresh head passes the previous state through
-            self.fuse.weight.zero_()
-            self.fuse.weight[:, :hidden_size].copy_(torch.eye(hidden_size))
+        self.fuse = identity_fuse(hidden_size)
         self.blocks = nn.ModuleList(ResidualBlock(hidden_size) for _ in range(num_layers))
 
     def forward(self, prev_state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
