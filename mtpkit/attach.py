@@ -35,7 +35,7 @@ def attach(model: str, style: str, num_heads: int, num_layers: int, out: Path, *
                          hidden_size=backbone.hidden_size, vocab_size=backbone.vocab_size,
                          base_model=backbone.reference, base_fingerprint=backbone.fingerprint,
                          base_architecture=backbone.architecture, own_lm_head=own_lm_head,
-                         mtpkit_version=__version__)
+                         trust_remote_code=trust_remote_code, mtpkit_version=__version__)
     heads = build_heads(config, backbone)
     files = save_heads(heads, out)
     base_params = sum(p.numel() for p in backbone.model.parameters())

@@ -36,6 +36,7 @@ class HeadsConfig:
     base_architecture: str = ""
     own_lm_head: bool = False
     lora: bool = False
+    trust_remote_code: bool = False  # the base needs its own code from the hub; every command honours it
     mtpkit_version: str = __version__
     training: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
