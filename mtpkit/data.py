@@ -172,8 +172,10 @@ def to_example(row: dict) -> Example | None:
 
 
 def load_data(sources: list[str], *, max_examples: int | None = None, eval_fraction: float = 0.1,
-              seed: int = 0, cache_dir: Path | None = None) -> Dataset:
-    """Load, recognise and split every source; fail with one line when nothing usable is found."""
+              seed: int = 0, cache_dir: Path | None = None, backbone=None) -> Dataset:
+    """Load, recognise and split every source; fail with one line when nothing usable is found.
+
+    ``backbone`` (the frozen base) is needed by ``self:N`` sources only, whose prompts the base writes."""
     if not sources:
         raise MtpkitError("no training data: pass --data (a file, a hub dataset or builtin:prompts)")
     if not 0 <= eval_fraction < 1:

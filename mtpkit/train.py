@@ -504,17 +504,17 @@ def setup(heads_dir: Path, options: FinetuneOptions, backbone: Backbone | None =
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    dataset = load_data(options.data, max_examples=options.max_examples, eval_fraction=options.eval_fraction,
-                        seed=options.seed, cache_dir=cache_root() / "datasets")
-    prompt_only = any(e.needs_response for e in dataset.train + dataset.eval)
-    self_distill = prompt_only if options.self_distill is None else options.self_distill
-    if prompt_only and not self_distill:
-        raise MtpkitError("the data has prompt-only records, which need --self-distill (the base writes the responses)")
-
     accelerator = _make_accelerator(options.mixed_precision)
     if backbone is None:
         backbone = load_backbone(config.base_model, dtype=options.dtype)
     check_compatible(config, backbone)
+    # after the base: ``self:N`` sources are prompts the base writes itself
+    dataset = load_data(options.data, max_examples=options.max_examples, eval_fraction=options.eval_fraction,
+                        seed=options.seed, cache_dir=cache_root() / "datasets", backbone=backbone)
+    prompt_only = any(e.needs_response for e in dataset.train + dataset.eval)
+    self_distill = prompt_only if options.self_distill is None else options.self_distill
+    if prompt_only and not self_distill:
+        raise MtpkitError("the data has prompt-only records, which need --self-distill (the base writes the responses)")
     backbone.model.to(accelerator.device)
     heads = load_heads(heads_dir, backbone)
     heads.to(accelerator.device, dtype=torch.float32)  # float32 master weights whatever the base's dtype
