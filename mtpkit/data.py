@@ -1,15 +1,20 @@
 """Training data for the heads: load records, recognise their shape, and tokenize them.
 
 A ``--data`` source is a local file (.jsonl, .json, .parquet, .csv, .txt), a Hugging Face
-Hub dataset name, or ``builtin:prompts`` (the TRAIN split of mtpkit's own prompts; the
-held-out split is for benchmarks and never read here). Each record is recognised as one of
+Hub dataset name, ``builtin:prompts`` (the TRAIN split of mtpkit's own prompts; the
+held-out split is for benchmarks and never read here) or ``builtin:gsm8k`` (2,000 GSM8K
+training questions, MIT). Each record is recognised as one of
 
 - ``chat``: ``messages`` / ``conversations``, turns with role/content or from/value;
 - ``instruction``: ``instruction`` (+ ``input``) and ``output``;
 - ``qa``: ``question`` and ``answer`` (or ``prompt`` and ``response`` / ``completion``);
 - ``text``: plain ``text``;
 - ``prompt``: prompt-only (``turns``, ``prompt`` or ``question`` without an answer), whose
-  responses the base writes itself (``mtpkit.distill``).
+  responses the base writes itself (``mtpkit.distill``);
+- ``tokens``: ``prompt_ids`` and ``response_ids`` (a self-distilled corpus, ``mtpkit.corpus``),
+  trained on as they are when their ``base_fingerprint`` is this base's.
+
+``self:N`` is N prompts the base writes itself (``mtpkit.self_prompts``).
 
 Chat-like records go through the tokenizer's chat template when it has one. The loss covers
 the response only (or all of a plain text), marked by ``TokenizedExample.loss_start``.
@@ -27,8 +32,10 @@ from pathlib import Path
 from mtpkit.errors import MtpkitError
 
 BUILTIN_PROMPTS = "builtin:prompts"
+BUILTIN_SETS = {"builtin:gsm8k": "gsm8k_train"}  # shipped training prompt files (mtpkit/prompts/SOURCES.md)
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-SHAPES = ("chat", "instruction", "qa", "text", "prompt")
+SELF_PROMPTS = "self:"
+SHAPES = ("chat", "instruction", "qa", "text", "prompt", "tokens")
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
               "model": "assistant", "system": "system"}
 # plain-text rendering for tokenizers without a chat template
@@ -43,10 +50,12 @@ class Example:
     messages: list[dict] = field(default_factory=list)
     response: str | None = None
     text: str | None = None
+    prompt_ids: list[int] | None = None  # ``tokens`` records: the exact ids, no template applied
+    response_ids: list[int] | None = None
 
     @property
     def needs_response(self) -> bool:
-        return self.text is None and self.response is None
+        return self.text is None and self.response is None and self.response_ids is None
 
 
 @dataclass
@@ -63,6 +72,7 @@ class SourceReport:
     records: int
     shapes: dict[str, int]
     skipped: int
+    detail: str = ""  # how the records were made, where mtpkit made them (self-written prompts)
 
 
 @dataclass
@@ -82,14 +92,37 @@ class Dataset:
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_rows(source: str, cache_dir: Path | None) -> list[dict]:
-    """Rows of one source as plain dicts."""
+def _read_rows(source: str, cache_dir: Path | None, backbone=None, progress=None) -> tuple[list[dict], str]:
+    """Rows of one source as plain dicts, and how they were made (for self-written prompts)."""
+    if source.startswith(SELF_PROMPTS):
+        return _self_prompt_rows(source, backbone, progress)
+    return _stored_rows(source, cache_dir), ""
+
+
+def _self_prompt_rows(source: str, backbone, progress=None) -> tuple[list[dict], str]:
+    from mtpkit.self_prompts import self_prompts
+
+    count = source[len(SELF_PROMPTS):]
+    if not count.isdigit() or int(count) < 1:
+        raise MtpkitError(f"--data {source}: write self:N with N a positive number of prompts (e.g. self:2000)")
+    if backbone is None:
+        raise MtpkitError(f"--data {source}: self-written prompts need the base model")
+    texts, report = self_prompts(backbone, int(count), on_batch=progress)
+    return [{"prompt": text} for text in texts], report.summary()
+
+
+def _stored_rows(source: str, cache_dir: Path | None) -> list[dict]:
+    """Rows of a file, a hub dataset or the built-in prompts."""
     if source == BUILTIN_PROMPTS:
         from mtpkit.prompts import load_builtin
 
         return [{"prompt": r["prompt"]} for r in load_builtin("train")]
+    if source in BUILTIN_SETS:
+        from mtpkit.prompts import load_training_set
+
+        return [{"question": r["question"]} for r in load_training_set(BUILTIN_SETS[source])]
     if source.startswith("builtin:"):
-        raise MtpkitError(f"unknown built-in data {source!r}: the only one is {BUILTIN_PROMPTS}")
+        raise MtpkitError(f"unknown built-in data {source!r}: choose {', '.join([BUILTIN_PROMPTS, *BUILTIN_SETS])}")
 
     import datasets
 
@@ -121,6 +154,10 @@ def _read_rows(source: str, cache_dir: Path | None) -> list[dict]:
     return [dict(row) for row in rows]
 
 
+def _token_ids(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(t, int) for t in value)
+
+
 def _text(value) -> str | None:
     if isinstance(value, str) and value.strip():
         return value
@@ -144,6 +181,8 @@ def _chat_messages(turns) -> list[dict] | None:
 
 def to_example(row: dict) -> Example | None:
     """Recognise one record's shape; None when it has no usable field."""
+    if _token_ids(row.get("prompt_ids")) and _token_ids(row.get("response_ids")):
+        return Example("tokens", prompt_ids=list(row["prompt_ids"]), response_ids=list(row["response_ids"]))
     turns = row.get("messages") if row.get("messages") is not None else row.get("conversations")
     if turns is not None:
         messages = _chat_messages(turns)
@@ -172,29 +211,33 @@ def to_example(row: dict) -> Example | None:
 
 
 def load_data(sources: list[str], *, max_examples: int | None = None, eval_fraction: float = 0.1,
-              seed: int = 0, cache_dir: Path | None = None, backbone=None) -> Dataset:
+              seed: int = 0, cache_dir: Path | None = None, backbone=None, shuffle: bool = True,
+              progress=None) -> Dataset:
     """Load, recognise and split every source; fail with one line when nothing usable is found.
 
-    ``backbone`` (the frozen base) is needed by ``self:N`` sources only, whose prompts the base writes."""
+    ``backbone`` (the frozen base) is needed by ``self:N`` sources only, whose prompts the base writes
+    (``progress(done, total)`` follows that)."""
     if not sources:
         raise MtpkitError("no training data: pass --data (a file, a hub dataset or builtin:prompts)")
     if not 0 <= eval_fraction < 1:
         raise MtpkitError(f"--eval-fraction must be in [0, 1) (got {eval_fraction})")
     examples, reports = [], []
     for source in sources:
-        rows = _read_rows(source, cache_dir)
+        rows, detail = _read_rows(source, cache_dir, backbone, progress)
         if not rows:
             raise MtpkitError(f"--data {source}: the dataset is empty")
+        _check_distilled_by(source, rows, backbone)
         found = [to_example(row) for row in rows]
         usable = [e for e in found if e is not None]
         if not usable:
             columns = sorted({key for row in rows[:20] for key in row})
             raise MtpkitError(f"--data {source}: no usable records; expected messages/conversations, "
                               f"instruction/output, question/answer, text, prompt or turns, found columns {columns}")
-        reports.append(SourceReport(source, len(rows), dict(Counter(e.shape for e in usable)), len(rows) - len(usable)))
+        reports.append(SourceReport(source, len(rows), dict(Counter(e.shape for e in usable)), len(rows) - len(usable),
+                                    detail))
         examples.extend(usable)
-    # a seeded shuffle, so --max-examples and the eval split mix the sources and categories
-    random.Random(seed).shuffle(examples)
+    if shuffle:  # a seeded shuffle, so --max-examples and the eval split mix the sources and categories
+        random.Random(seed).shuffle(examples)
     if max_examples is not None:
         if max_examples < 1:
             raise MtpkitError(f"--max-examples must be at least 1 (got {max_examples})")
@@ -205,6 +248,17 @@ def load_data(sources: list[str], *, max_examples: int | None = None, eval_fract
     if num_eval >= len(examples):
         raise MtpkitError(f"only {len(examples)} examples: too few to hold out {eval_fraction:.0%} for evaluation")
     return Dataset(train=examples[num_eval:], eval=examples[:num_eval], sources=reports)
+
+
+def _check_distilled_by(source: str, rows: list[dict], backbone) -> None:
+    """Token-id records carry the fingerprint of the base that wrote them: only that base may learn from them."""
+    if backbone is None:
+        return
+    others = {row.get("base_fingerprint") for row in rows if row.get("response_ids") is not None} - {None}
+    if others - {backbone.fingerprint}:
+        raise MtpkitError(f"--data {source}: its responses were written by another base (fingerprint "
+                          f"{sorted(others - {backbone.fingerprint})[0]}, this one is {backbone.fingerprint}); "
+                          "heads must learn what their own base says: build a corpus with this base (mtpkit corpus)")
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -227,6 +281,8 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def prompt_ids(tokenizer, example: Example) -> list[int]:
     """Token ids of the prompt, as the base sees it before generating (BOS included if it uses one)."""
+    if example.prompt_ids is not None:
+        return list(example.prompt_ids)
     ids = _encode(tokenizer, render_prompt(tokenizer, example.messages))
     bos = getattr(tokenizer, "bos_token_id", None)
     if not has_chat_template(tokenizer) and bos is not None and getattr(tokenizer, "add_bos_token", False):
@@ -250,6 +306,8 @@ def tokenize(tokenizer, example: Example, max_length: int, response_ids: list[in
     """Token ids of one example, cut to ``max_length``; None when no target token is left to learn."""
     if example.text is not None:
         ids, start = _encode(tokenizer, example.text), 0
+    elif example.prompt_ids is not None:
+        ids, start = example.prompt_ids + example.response_ids, len(example.prompt_ids)
     else:
         prompt = prompt_ids(tokenizer, example)
         response = response_ids if response_ids is not None else _response_ids(tokenizer, example)

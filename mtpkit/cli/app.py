@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from mtpkit import __version__
-from mtpkit.cli import attach, bench, finetune, generate
+from mtpkit.cli import attach, bench, corpus, finetune, generate
 
 app = typer.Typer(
     name="mtpkit",
@@ -15,6 +15,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("attach")(attach.attach)
+app.command("corpus")(corpus.corpus)
 app.command("finetune")(finetune.finetune)
 app.command("generate")(generate.generate)
 app.command("bench")(bench.bench)

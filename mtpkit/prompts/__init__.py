@@ -1,6 +1,8 @@
-"""mtpkit's own prompt set: 480 prompts over 8 categories, 48 train + 12 held out in each.
+"""Prompt sets shipped with mtpkit (sources and licenses in SOURCES.md beside this file).
 
-The held-out part is for evaluation and benchmarks only; training never reads it.
+``builtin.jsonl``: mtpkit's own 480 prompts over 8 categories, 48 train + 12 held out in each; the
+held-out part is for evaluation and benchmarks only, training never reads it. ``gsm8k_train.jsonl``:
+2,000 questions of GSM8K's training split (MIT), training prompts only.
 """
 
 from __future__ import annotations
@@ -19,3 +21,9 @@ def load_builtin(split: str | None = None) -> list[dict]:
     text = resources.files(__package__).joinpath("builtin.jsonl").read_text(encoding="utf-8")
     records = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [r for r in records if split is None or r["split"] == split]
+
+
+def load_training_set(name: str) -> list[dict]:
+    """The records of a shipped training prompt file (``gsm8k_train``)."""
+    text = resources.files(__package__).joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
