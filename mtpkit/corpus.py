@@ -22,7 +22,7 @@ from typing import Callable
 from mtpkit import __version__
 from mtpkit.backbone import Backbone
 from mtpkit.checkpoint import atomic_write
-from mtpkit.data import Example, load_data, prompt_ids
+from mtpkit.data import SELF_PROMPTS, Example, load_data, prompt_ids, to_example
 from mtpkit.distill import default_batch_size, eos_ids, generate, prompt_key
 from mtpkit.errors import MtpkitError
 from mtpkit.quality import degeneracy
@@ -92,16 +92,27 @@ def corpus_stats(rows: list[dict]) -> tuple[int, int, dict[str, int]]:
     return (sum(len(r["prompt_ids"]) for r in rows), sum(len(r["response_ids"]) for r in rows), sources)
 
 
-def _prompts_of(sources: list[str], backbone: Backbone, progress=None) -> tuple[list[tuple[str, Example]], list[str]]:
-    """Every prompt of every source, in order (no split: the corpus holds them all), and notes on them."""
+def _prompts_of(sources: list[str], backbone: Backbone, written: dict[str, list[str]],
+                progress=None) -> tuple[list[tuple[str, Example]], list[str]]:
+    """Every prompt of every source, in order (no split: the corpus holds them all), and notes on them.
+
+    ``written`` holds the prompts of ``self:N`` sources that an earlier run wrote (kept in the corpus's
+    metadata, so a resumed run on another machine distills the same prompts); new ones are added to it.
+    """
     found, notes = [], []
     for source in sources:
-        dataset = load_data([source], eval_fraction=0.0, seed=0, backbone=backbone, shuffle=False, progress=progress)
-        notes.extend(f"{r.source}: {r.detail}" for r in dataset.sources if r.detail)
-        prompts = [e for e in dataset.train if e.needs_response]
+        if source in written:
+            prompts = [to_example({"prompt": text}) for text in written[source]]
+        else:
+            dataset = load_data([source], eval_fraction=0.0, seed=0, backbone=backbone, shuffle=False,
+                                progress=progress)
+            notes.extend(f"{r.source}: {r.detail}" for r in dataset.sources if r.detail)
+            prompts = [e for e in dataset.train if e.needs_response]
         if not prompts:
             raise MtpkitError(f"--data {source}: no prompt-only records to distill (the corpus holds the base's "
                               "own responses)")
+        if source.startswith(SELF_PROMPTS):
+            written[source] = [e.messages[-1]["content"] for e in prompts]
         found.extend((source, e) for e in prompts)
     return found, notes
 
@@ -141,7 +152,8 @@ def build_corpus(backbone: Backbone, sources: list[str], out: Path, *, max_new_t
         fingerprint, other = sorted(foreign)[0]
         raise MtpkitError(f"{out} holds responses of base {fingerprint} ({other}); this run is base "
                           f"{backbone.fingerprint} ({settings}): write to another file")
-    prompts, notes = _prompts_of(sources, backbone, on_prompts)
+    written = dict(old_meta.get("self_prompts", {}))
+    prompts, notes = _prompts_of(sources, backbone, written, on_prompts)
     present = {prompt_key(r["prompt_ids"]) for r in rows}
     encoded = [(source, example, prompt_ids(backbone.tokenizer, example)) for source, example in prompts]
     todo, seen = [], set(present)
@@ -155,7 +167,7 @@ def build_corpus(backbone: Backbone, sources: list[str], out: Path, *, max_new_t
     for index, (_, _, ids) in enumerate(encoded):
         place.setdefault(prompt_key(ids), index)
     metadata = {**old_meta, **(metadata or {}), "base_model": backbone.reference, "base_fingerprint": backbone.fingerprint,
-                "generation": settings, "mtpkit_version": __version__}
+                "generation": settings, "mtpkit_version": __version__, "self_prompts": written}
     batch_size = batch_size or default_batch_size(backbone)
     if on_start:
         on_start(len(todo), len(rows), [encoded[i][2] for i in todo], batch_size)

@@ -2,7 +2,7 @@
 
 A ``--data`` source is a local file (.jsonl, .json, .parquet, .csv, .txt), a Hugging Face
 Hub dataset name, ``builtin:prompts`` (the TRAIN split of mtpkit's own prompts; the
-held-out split is for benchmarks and never read here) or ``builtin:gsm8k`` (2,000 GSM8K
+held-out split is for benchmarks and never read here) or ``builtin:gsm8k`` (1,200 GSM8K
 training questions, MIT). Each record is recognised as one of
 
 - ``chat``: ``messages`` / ``conversations``, turns with role/content or from/value;

@@ -125,3 +125,22 @@ def test_corpus_cli_refuses_bad_input_with_one_line(tmp_path):
     assert result.exit_code == 1 and "name it *.parquet" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["corpus", str(tmp_path / "c.parquet"), "--max-new-tokens", "0"])
     assert result.exit_code == 1 and "at least 1" in result.output
+
+
+def test_self_written_prompts_are_kept_in_the_corpus_and_reused_on_resume(tiny_backbone, tmp_path, monkeypatch):
+    from mtpkit import self_prompts
+
+    tiny_backbone.model.generation_config.eos_token_id = list(range(40, 136))  # see test_data_engine
+    monkeypatch.setattr(self_prompts, "MIN_PROMPT_CHARS", 2)
+    out = tmp_path / "corpus.parquet"
+    build_corpus(tiny_backbone, ["self:4"], out, max_new_tokens=3, batch_size=2)
+    rows, meta = read_corpus(out)
+    assert [r["source"] for r in rows] == ["self:4"] * 4
+    assert meta["self_prompts"]["self:4"] == [r["prompt"] for r in rows]
+
+    def no_writing(*args, **kwargs):
+        raise AssertionError("the prompts are in the corpus: nothing should be written again")
+
+    monkeypatch.setattr(self_prompts, "self_prompts", no_writing)  # a fresh machine: no self-prompt cache
+    report = build_corpus(tiny_backbone, ["self:4"], out, max_new_tokens=3, batch_size=2)
+    assert report.generated_rows == 0 and report.rows == 4

@@ -2,7 +2,7 @@
 
 ``builtin.jsonl``: mtpkit's own 480 prompts over 8 categories, 48 train + 12 held out in each; the
 held-out part is for evaluation and benchmarks only, training never reads it. ``gsm8k_train.jsonl``:
-2,000 questions of GSM8K's training split (MIT), training prompts only.
+1,200 questions of GSM8K's training split (MIT), training prompts only.
 """
 
 from __future__ import annotations
