@@ -231,13 +231,40 @@ def _load_any(model: str, dtype, trust_remote_code: bool, revision: str | None =
                           f"(no network, or no such model): {str(exc).splitlines()[0][:160]}") from None
 
 
-def load_backbone(model: str = DEFAULT_MODEL, dtype: str = "float32", trust_remote_code: bool = False,
-                  revision: str | None = None, check: bool = True) -> Backbone:
-    """Load a frozen base model: eval mode, no gradients, safetensors only."""
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """``--device``: None or "auto" is cuda when available, else cpu; an unusable device is one clear error."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise MtpkitError(f"unknown device {name!r}: give cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device.type not in available:
+        raise MtpkitError(f"unsupported device {name!r}: give cpu, cuda, cuda:N or mps")
+    if not available[device.type]:
+        raise MtpkitError(f"device {name!r} is not available on this machine (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MtpkitError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def resolve_placement(device: str | torch.device | None, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``--device`` and ``--dtype`` checked together, before anything loads: one clear error for either."""
     if dtype not in DTYPES:
         raise MtpkitError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    loaded, tokenizer, reference = _load_any(model, DTYPES[dtype], trust_remote_code, revision)
-    return wrap_model(loaded, tokenizer, reference, check=check)
+    return resolve_device(device), DTYPES[dtype]
+
+
+def load_backbone(model: str = DEFAULT_MODEL, dtype: str = "float32", trust_remote_code: bool = False,
+                  revision: str | None = None, check: bool = True, device: str | torch.device | None = "cpu") -> Backbone:
+    """Load a frozen base model onto ``device`` (None: ``resolve_device``'s default): eval mode, no gradients,
+    safetensors only. The default stays cpu: training places the model itself (accelerate)."""
+    target, torch_dtype = resolve_placement(device, dtype)
+    loaded, tokenizer, reference = _load_any(model, torch_dtype, trust_remote_code, revision)
+    return wrap_model(loaded.to(target), tokenizer, reference, check=check)
 
 
 def wrap_model(model: nn.Module, tokenizer, reference: str, check: bool = True) -> Backbone:

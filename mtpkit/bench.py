@@ -24,14 +24,18 @@ import psutil
 import torch
 
 from mtpkit import __version__
+from mtpkit.backbone import resolve_placement
 from mtpkit.checkpoint import open_heads
 from mtpkit.decoding import GenerationResult, SpeculativeDecoder, encode_prompt, greedy_generate
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads
+from mtpkit.kernels import kernel_choices, synchronize
 from mtpkit.prompts import load_builtin
 
 METHODS = ("hf-greedy", "greedy", "hf-pld", "mtp-chain", "mtp-tree")
-BASELINE = "hf-greedy"
+BASELINE = "hf-greedy"  # transformers' own greedy decoding: what a user runs without mtpkit
+CONTROL = "greedy"  # mtpkit's greedy loop on mtpkit's kernels: speculation_gain is measured against it
+REQUIRED = (BASELINE, CONTROL)  # every report carries both, so a speed-up always splits into kernels x speculation
 
 
 @dataclass
@@ -52,6 +56,22 @@ class BenchSettings:
     threads: int | None = None
     pld_tokens: int = 10
     fast_kernels: bool = True
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        """Numbers that make no sense are refused here, in one line, before anything loads."""
+        for option, value, least in (("--limit", self.limit, 1), ("--max-new-tokens", self.max_new_tokens, 1),
+                                     ("--threads", self.threads, 1), ("--pld-tokens", self.pld_tokens, 1)):
+            if value is not None and not value >= least:
+                raise MtpkitError(f"{option} must be at least {least} (got {value})")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise MtpkitError(f"unknown bench method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+        resolve_placement(self.device, self.dtype)
+        missing = tuple(m for m in REQUIRED if m not in self.methods)
+        self.methods = tuple(dict.fromkeys((*missing, *self.methods)))  # the controls first, no repeats
 
 
 @dataclass
@@ -175,11 +195,6 @@ class ForwardCounter:
         self._hook.remove()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Runner:
     """Runs one method on one prompt; mtpkit's methods on fast kernels, transformers' on stock ones."""
 
@@ -219,10 +234,10 @@ class Runner:
             if method == "hf-pld":
                 kwargs["prompt_lookup_num_tokens"] = self.settings.pld_tokens
             with ForwardCounter(self.backbone.model) as counter, torch.no_grad():
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 output = self.backbone.model.generate(input_ids, **kwargs)
-                _sync(device)
+                synchronize(device)
                 seconds = time.perf_counter() - start
             tokens = output[0, input_ids.shape[1]:].tolist()
             tokens = _cut_after_eos(tokens, self.eos_ids)
@@ -284,16 +299,17 @@ def predicted_chain_tokens(heads: DraftHeads) -> float | None:
 
 def run_bench(heads_dir: Path, settings: BenchSettings, *, model: str | None = None,
               progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Run every method on every prompt, interleaved; return the report as a JSON-ready dict."""
-    unknown = [m for m in settings.methods if m not in METHODS]
-    if unknown:
-        raise MtpkitError(f"unknown bench method {unknown[0]!r}: choose from {', '.join(METHODS)}")
-    if BASELINE not in settings.methods:
-        settings.methods = (BASELINE, *settings.methods)
+    """Run every method on every prompt, interleaved; return the report as a JSON-ready dict.
+
+    hf-greedy and mtpkit's greedy always run (``REQUIRED``): each method's speed-up over hf-greedy is then
+    the product of what mtpkit's kernels gain (greedy over hf-greedy) and what speculation gains
+    (``speculation_gain``: the method over greedy, per prompt).
+    """
     threads = settings.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     prompts = load_bench_prompts(settings.prompts, settings.limit)
-    heads = open_heads(heads_dir, model=model)
+    heads = open_heads(heads_dir, model=model, dtype=settings.dtype, device=settings.device,
+                       trust_remote_code=settings.trust_remote_code)
     tokenizer = heads.backbone.tokenizer
     runner = Runner(heads, settings)
     encoded = [encode_prompt(tokenizer, p.text, settings.chat).to(heads.backbone.device) for p in prompts]
@@ -312,14 +328,17 @@ def run_bench(heads_dir: Path, settings: BenchSettings, *, model: str | None = N
             peaks[method] = max(peaks[method], memory.peak_mb)
         if progress:
             progress(prompts[index].id, index + 1, len(prompts))
-    runner.kernels("hf-greedy")  # leave the model on stock kernels
-    return build_report(prompts, runs, peaks, settings, heads, threads, heads_dir, runner.predicted_tokens())
+    runner.kernels(CONTROL)
+    layouts = kernel_choices(heads.backbone.model)  # what mtpkit's methods ran on, by layer shape
+    runner.kernels(BASELINE)  # leave the model on stock kernels
+    return build_report(prompts, runs, peaks, settings, heads, threads, heads_dir, runner.predicted_tokens(),
+                        layouts)
 
 
 def build_report(prompts: list[BenchPrompt], runs: dict[str, list[MethodRun]], peaks: dict[str, float],
                  settings: BenchSettings, heads: DraftHeads, threads: int, heads_dir: Path,
-                 predicted: dict[str, float | None]) -> dict:
-    baseline, own_greedy = runs[BASELINE], runs.get("greedy")
+                 predicted: dict[str, float | None], layouts: dict[str, str] | None = None) -> dict:
+    baseline, own_greedy = runs[BASELINE], runs.get(CONTROL)
     per_prompt = []
     for i, prompt in enumerate(prompts):
         row = {"id": prompt.id, "category": prompt.category, "prompt_tokens": None, "methods": {}}
@@ -327,7 +346,9 @@ def build_report(prompts: list[BenchPrompt], runs: dict[str, list[MethodRun]], p
             run = method_runs[i]
             row["methods"][method] = {
                 "new_tokens": len(run.tokens), "seconds": run.seconds, "tokens_per_s": run.tokens_per_second,
-                "speedup": run.tokens_per_second / baseline[i].tokens_per_second,
+                "speedup": _ratio(run.tokens_per_second, baseline[i].tokens_per_second),
+                "speculation_gain": (None if own_greedy is None
+                                     else _ratio(run.tokens_per_second, own_greedy[i].tokens_per_second)),
                 "mean_accepted_tokens": run.mean_accepted_tokens, "forward_passes": run.forward_passes,
                 "accepted_lengths": run.accepted_lengths,
                 "identical_to_hf_greedy": run.tokens == baseline[i].tokens,
@@ -356,15 +377,25 @@ def build_report(prompts: list[BenchPrompt], runs: dict[str, list[MethodRun]], p
                   "prompts": settings.prompts, "num_prompts": len(prompts),
                   "max_new_tokens": settings.max_new_tokens, "methods": list(runs), "tree": settings.tree,
                   "chat": settings.chat, "fast_kernels": settings.fast_kernels, "batch_size": 1,
+                  "kernel_layouts": layouts or {},
                   "dtype": str(heads.backbone.dtype).removeprefix("torch."), "device": str(heads.backbone.device)},
     }
 
 
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference > 0 else float("nan")
+
+
 def summarize(rows: list[dict], peak_mb: float | None = None) -> dict:
+    """Medians and geometric means of per-prompt figures; ``speculation_gain`` is None without a greedy run."""
+    gains = [r.get("speculation_gain") for r in rows]
+    measured_gain = all(g is not None for g in gains)
     summary = {
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
         "speedup": geometric_mean([r["speedup"] for r in rows]),
         "speedup_median": statistics.median(r["speedup"] for r in rows),
+        "speculation_gain": geometric_mean(gains) if measured_gain else None,
+        "speculation_gain_median": statistics.median(gains) if measured_gain else None,
         "mean_accepted_tokens": sum(r["new_tokens"] for r in rows) / max(1, sum(r["forward_passes"] for r in rows)),
         "identical_rate": sum(r["identical_to_hf_greedy"] for r in rows) / len(rows),
         "identical_rate_vs_greedy": (None if rows[0]["identical_to_greedy"] is None

@@ -22,6 +22,7 @@ from mtpkit.backbone import Backbone, cache_root
 from mtpkit.config import HeadsConfig
 from mtpkit.draft_layer import append_keys
 from mtpkit.heads import DraftHeads
+from mtpkit.kernels import synchronize
 from mtpkit.targets import conditioning_tokens, head_targets
 from mtpkit.tree import MAX_RANK, expected_tokens, greedy_tree
 
@@ -29,7 +30,7 @@ FORWARD_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 CALIBRATION_PROMPTS = 4
 CALIBRATION_TOKENS = 32
 DRAFT_CONTEXT = 128  # committed positions in the eagle draft cache while its drafting is timed
-FORMAT_VERSION = 2  # 2: draft costs measured with the heads on the same kernels as the base
+FORMAT_VERSION = 3  # 2: draft costs on the base's kernels; 3: keyed by the measured layout of each layer shape
 
 
 @dataclass
@@ -167,6 +168,7 @@ def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> float:
         heads.commit(cache, hidden.expand(DRAFT_CONTEXT, -1), token.expand(DRAFT_CONTEXT))
     times = []
     for attempt in range(repeats + 1):
+        synchronize(backbone.device)
         start = time.perf_counter()
         state, drafted = None, None
         for k in range(1, heads.num_heads + 1):
@@ -179,13 +181,15 @@ def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> float:
                 state, own = heads.draft_step(cache, state, token, cache.length + k - 2, drafted, visible)
                 drafted = append_keys(drafted, own)
             heads.draft_logits(k, state)[0].topk(MAX_RANK, dim=-1)
+        synchronize(backbone.device)
         if attempt:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def _kernel_mode(backbone: Backbone) -> str:
-    """The forward cost depends on which kernels the model runs: "fast" (mtpkit.kernels) or "stock"."""
-    from mtpkit.kernels import uses_fast_kernels
+    """The forward cost depends on the kernels the model runs: stock, or the layouts measured for each shape."""
+    from mtpkit.kernels import kernel_choices
 
-    return "fast" if uses_fast_kernels(backbone.model) else "stock"
+    choices = kernel_choices(backbone.model)
+    return json.dumps(choices) if choices else "stock"

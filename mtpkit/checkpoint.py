@@ -99,11 +99,17 @@ def load_heads(heads_dir: Path, backbone: Backbone) -> DraftHeads:
 
 
 def open_heads(heads_dir: Path, model: str | None = None, dtype: str = "float32",
-               trust_remote_code: bool = False) -> DraftHeads:
-    """Load the base named in the heads' config (or ``model``), its LoRA adapter if any, and the heads."""
+               trust_remote_code: bool = False, device: str | torch.device | None = None) -> DraftHeads:
+    """Load the base named in the heads' config (or ``model``), its LoRA adapter if any, and the heads, on
+    ``device`` (default: cuda when available, else cpu) in ``dtype``.
+
+    The base's own hub code runs when the caller asks (``trust_remote_code``) or the heads config records
+    that the base needs it (attach wrote it).
+    """
     heads_dir = Path(heads_dir)
     config = HeadsConfig.read(heads_dir)
-    backbone = load_backbone(model or config.base_model, dtype=dtype, trust_remote_code=trust_remote_code)
+    backbone = load_backbone(model or config.base_model, dtype=dtype, device=device,
+                             trust_remote_code=trust_remote_code or config.trust_remote_code)
     check_compatible(config, backbone)
     if config.lora:  # base plus adapter is the model; its fingerprint was checked before merging
         backbone = merge_lora(backbone, heads_dir / LORA_DIR)

@@ -3,36 +3,78 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 from mtpkit.checkpoint import atomic_write, atomic_write_text
+from mtpkit.errors import MtpkitError
 
-COLUMNS = ("tokens/s (median)", "speed-up (geo-mean)", "speed-up (median)", "accepted tokens/step",
-           "predicted", "identical vs hf-greedy", "identical vs greedy", "peak MB")
+# (long header for Markdown, short header for an 80-column terminal); same order as method_rows' figures
+FIGURES = (("tokens/s (median)", "tokens/s"),
+           ("speed-up over hf-greedy (geo-mean)", "vs hf-greedy (geo)"),
+           ("speed-up over hf-greedy (median)", "vs hf-greedy (med)"),
+           ("speculation gain over greedy (geo-mean)", "vs greedy (geo)"),
+           ("speculation gain over greedy (median)", "vs greedy (med)"),
+           ("accepted tokens/step", "accepted/step"),
+           ("predicted", "predicted"),
+           ("identical vs hf-greedy", "same as hf-greedy"),
+           ("identical vs greedy", "same as greedy"),
+           ("peak MB", "peak MB"))
+COLUMNS = tuple(long for long, _ in FIGURES)
+CATEGORY_FIGURES = (("speed-up over hf-greedy", "vs hf-greedy"), ("speculation gain over greedy", "vs greedy"),
+                    ("accepted tokens/step", "accepted"), ("identical vs hf-greedy", "same"))
+CATEGORY_COLUMNS = tuple(long for long, _ in CATEGORY_FIGURES)
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.2f}x"
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{100 * rate:.0f}%"
 
 
 def method_rows(report: dict) -> list[tuple[str, ...]]:
-    """One row of strings per method, in COLUMNS order (shared by the Rich table and Markdown)."""
+    """One row of strings per method: its name, then its figures in FIGURES order (Rich and Markdown share it)."""
     rows = []
     for method, m in report["methods"].items():
         predicted = report.get("predicted_mean_accepted_tokens", {}).get(method)
-        vs_greedy = m.get("identical_rate_vs_greedy")
-        rows.append((method, f"{m['tokens_per_s']:.1f}", f"{m['speedup']:.2f}x", f"{m['speedup_median']:.2f}x",
+        rows.append((method, f"{m['tokens_per_s']:.1f}", _times(m["speedup"]), _times(m["speedup_median"]),
+                     _times(m.get("speculation_gain")), _times(m.get("speculation_gain_median")),
                      f"{m['mean_accepted_tokens']:.2f}", "-" if predicted is None else f"{predicted:.2f}",
-                     f"{100 * m['identical_rate']:.0f}%", "-" if vs_greedy is None else f"{100 * vs_greedy:.0f}%",
+                     _percent(m["identical_rate"]), _percent(m.get("identical_rate_vs_greedy")),
                      f"{m.get('peak_memory_mb', 0):.0f}"))
     return rows
 
 
 def category_rows(report: dict) -> list[tuple[str, ...]]:
+    """(category, method, then CATEGORY_FIGURES) for every method but hf-greedy, whose speed-up is 1 by definition."""
     rows = []
     for category, methods in report.get("by_category", {}).items():
         for method, m in methods.items():
             if method == "hf-greedy":
                 continue
-            rows.append((category, method, f"{m['speedup']:.2f}x", f"{m['mean_accepted_tokens']:.2f}",
-                         f"{100 * m['identical_rate']:.0f}%"))
+            rows.append((category, method, _times(m["speedup"]), _times(m.get("speculation_gain")),
+                         f"{m['mean_accepted_tokens']:.2f}", _percent(m["identical_rate"])))
     return rows
+
+
+def check_output_paths(paths: dict[str, Path | None]) -> None:
+    """Refuse, in one line, an output path (``{"--json": path}``) that cannot be written: before a long run."""
+    for option, path in paths.items():
+        if path is None:
+            continue
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise MtpkitError(f"{option} {path} is a directory: give a file name")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:  # the directory is created at write time
+            folder = folder.parent
+        if not folder.is_dir():
+            raise MtpkitError(f"{option} {path}: cannot create its directory, {folder} is a file")
+        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise MtpkitError(f"{option} {path}: permission denied to write in {folder}")
 
 
 def setup_line(report: dict) -> str:
@@ -47,12 +89,16 @@ def to_markdown(report: dict, command: str = "") -> str:
     lines = ["# mtpkit bench", "", f"Setup: {setup_line(report)}.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
+    lines += ["Speed-up is over transformers' greedy `generate` (hf-greedy); speculation gain is over mtpkit's "
+              "own greedy loop on the same kernels (greedy). Both are per-prompt tokens/s ratios (geometric mean "
+              "and median); per prompt and for the geometric means, a method's speed-up = greedy's speed-up x "
+              "its speculation gain.", ""]
     lines += ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in method_rows(report)]
     rows = category_rows(report)
     if rows:
-        lines += ["", "## By category", "", "| category | method | speed-up | accepted tokens/step | identical |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## By category", "", "| category | method | " + " | ".join(CATEGORY_COLUMNS) + " |",
+                  "|---" * (len(CATEGORY_COLUMNS) + 2) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     differences = report.get("first_difference_vs_hf_greedy", {})
     if differences:

@@ -56,7 +56,27 @@ def test_bench_writes_a_complete_report(bench_run):
     assert report["setup"]["torch_threads"] == 1 and report["setup"]["max_new_tokens"] == 16
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (out / "bench.md").read_text()
-    assert "| mtp-tree |" in markdown and "hf-pld" in markdown
+    assert "| mtp-tree |" in markdown and "hf-pld" in markdown and "speculation gain over greedy" in markdown
+    assert report["setup"]["device"] == "cpu" and report["setup"]["dtype"] == "float32"
+    assert max(len(line) for line in result.stderr.splitlines()) <= 80  # stderr is no terminal here: 80 columns
+    assert "vs greedy (geo)" in result.stderr and "vs hf-greedy (geo)" in result.stderr
+
+
+def test_speed_up_splits_into_kernels_times_speculation(bench_run):
+    _, out = bench_run
+    report = json.loads((out / "bench.json").read_text())
+    assert report["methods"]["greedy"]["speculation_gain"] == pytest.approx(1.0)
+    for row in report["prompts"]:
+        greedy = row["methods"]["greedy"]
+        for method, figures in row["methods"].items():
+            assert figures["speculation_gain"] == pytest.approx(figures["tokens_per_s"] / greedy["tokens_per_s"])
+            assert figures["speedup"] == pytest.approx(greedy["speedup"] * figures["speculation_gain"])
+    for method, figures in report["methods"].items():
+        gains = [row["methods"][method]["speculation_gain"] for row in report["prompts"]]
+        assert figures["speculation_gain_median"] == pytest.approx(sorted(gains)[1])
+        assert figures["speculation_gain"] == pytest.approx((gains[0] * gains[1] * gains[2]) ** (1 / 3))
+    for category in ("code", "chat"):
+        assert report["by_category"][category]["mtp-tree"]["speculation_gain"] > 0
 
 
 def test_every_method_reproduces_greedy_output(bench_run):
@@ -72,6 +92,42 @@ def test_every_method_reproduces_greedy_output(bench_run):
             assert figures["forward_passes"] == len(figures["accepted_lengths"]) + 1
             assert figures["mean_accepted_tokens"] == pytest.approx(figures["new_tokens"] / figures["forward_passes"])
     assert "differs" not in result.stderr
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output
+
+
+def test_controls_run_even_when_not_asked_for(heads_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def add(a, b):\n")
+    result = runner.invoke(app, ["bench", str(heads_dir), "--prompts", str(prompts), "--max-new-tokens", "4",
+                                 "--methods", "mtp-chain", "--threads", "1", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert list(report["methods"]) == ["hf-greedy", "greedy", "mtp-chain"]
+
+
+def test_report_paths_are_refused_before_the_model_loads(heads_dir, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the paths were checked")
+
+    monkeypatch.setattr("mtpkit.checkpoint.load_backbone", no_loading)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for option, path, fragment in [("--json", tmp_path, "is a directory"),
+                                   ("--markdown", blocker / "out" / "bench.md", "is a file"),
+                                   ("--plot", blocker / "bench.png", "is a file")]:
+        result = runner.invoke(app, ["bench", str(heads_dir), option, str(path)])
+        assert_one_line_error(result, option)
+        assert fragment in result.stderr
+    for args, fragment in [(["--limit", "-1"], "--limit"), (["--threads", "0"], "--threads"),
+                           (["--max-new-tokens", "0"], "--max-new-tokens"), (["--pld-tokens", "-2"], "--pld-tokens"),
+                           (["--dtype", "float8"], "dtype"), (["--device", "warp:0"], "device")]:
+        assert_one_line_error(runner.invoke(app, ["bench", str(heads_dir), *args]), fragment)
 
 
 def test_bench_refuses_bad_input(heads_dir, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -22,26 +23,30 @@ def bench(
     prompts: Annotated[str, typer.Option(help="'builtin' (held-out built-in prompts) or a .jsonl/.jsonl.gz/.txt file.")] = "builtin",
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts (categories interleaved).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 128,
-    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {DEFAULT_METHODS}.")] = DEFAULT_METHODS,
+    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {DEFAULT_METHODS}; hf-greedy and greedy always run (the controls).")] = DEFAULT_METHODS,
     tree: Annotated[str, typer.Option(help="Tree for mtp-tree: auto, chain or a JSON file of choices.")] = "auto",
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all CPUs).")] = None,
-    fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--stock-kernels", help="mtpkit's methods on mtpkit's small-row kernels.")] = True,
+    pld_tokens: Annotated[int, typer.Option(help="Draft length of hf-pld (transformers' prompt_lookup_num_tokens).")] = 10,
+    fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--stock-kernels", help="mtpkit's methods on mtpkit's small-row kernels (float32 on a CPU, where measured to pay).")] = True,
     model: Annotated[Optional[str], typer.Option(help="Override the base model named in the heads config.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (outside float32 the identical-output rate is measured, not promised).")] = "float32",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the base's own code from the hub (also on when the heads config records it).")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the full report as JSON.")] = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Write the summary as Markdown.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: speed-up by category, accepted lengths.")] = None,
 ) -> None:
     """Measure self-speculative decoding against plain greedy decoding on the same prompts, in one run."""
     from mtpkit.bench import BenchSettings, run_bench
-    from mtpkit.report import category_rows, method_rows, setup_line, write_json, write_markdown, write_plot
-    from mtpkit.report import COLUMNS
+    from mtpkit.report import check_output_paths, write_json, write_markdown, write_plot
 
-    if max_new_tokens < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--max-new-tokens")
+    # everything cheap is checked before the model loads
     settings = BenchSettings(prompts=prompts, limit=limit, max_new_tokens=max_new_tokens,
                              methods=tuple(m.strip() for m in methods.split(",") if m.strip()), tree=tree,
-                             chat=chat, threads=threads, fast_kernels=fast_kernels)
+                             chat=chat, threads=threads, pld_tokens=pld_tokens, fast_kernels=fast_kernels,
+                             device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    check_output_paths({"--json": json_path, "--markdown": markdown, "--plot": plot})
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("loading", total=None)
@@ -51,20 +56,8 @@ def bench(
 
         report = run_bench(heads_dir, settings, model=model, progress=progress)
 
-    table = Table(title="mtpkit bench", caption=setup_line(report), caption_justify="left")
-    for column in ("method", *COLUMNS):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for row in method_rows(report):
-        table.add_row(*row)
-    console.print(table)
-    rows = category_rows(report)
-    if rows:
-        by_category = Table(title="by category")
-        for column in ("category", "method", "speed-up", "accepted tokens/step", "identical"):
-            by_category.add_column(column)
-        for row in rows:
-            by_category.add_row(*row)
-        console.print(by_category)
+    for table in summary_tables(report):
+        console.print(table)
     for method, prompt_id in report["first_difference_vs_hf_greedy"].items():
         console.print(f"[yellow]warning:[/] {method} output differs from hf-greedy, first on prompt {prompt_id}")
     command = "mtpkit " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("mtpkit") else ""
@@ -77,3 +70,28 @@ def bench(
     for path in (json_path, markdown, plot):
         if path:
             console.print(f"wrote {path}")
+
+
+def summary_tables(report: dict) -> list[Table]:
+    """The report for a terminal: a figure per row and a method per column, so it fits 80 columns."""
+    from mtpkit.report import CATEGORY_FIGURES, FIGURES, category_rows, method_rows, setup_line
+
+    rows = method_rows(report)
+    table = Table(title="mtpkit bench", caption=f"{setup_line(report)}. vs hf-greedy: speed-up over transformers' "
+                  "greedy; vs greedy: speculation gain over mtpkit's greedy on the same kernels (per-prompt "
+                  "ratios: geometric mean, median)", caption_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("")
+    for row in rows:
+        table.add_column(row[0], justify="right", no_wrap=True)
+    for index, (_, short) in enumerate(FIGURES, start=1):
+        table.add_row(short, *(row[index] for row in rows))
+    tables = [table]
+    by_category = category_rows(report)
+    if by_category:
+        table = Table(title="by category", box=box.SIMPLE_HEAD)
+        for column in ("category", "method", *(short for _, short in CATEGORY_FIGURES)):
+            table.add_column(column, justify="left" if column in ("category", "method") else "right")
+        for row in by_category:
+            table.add_row(*row)
+        tables.append(table)
+    return tables

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -45,6 +46,15 @@ def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     return prompts
 
 
+def check_numbers(temperature: float, top_p: float, seed: int | None) -> None:
+    """NaN and infinity pass every comparison test wrongly: refuse them (and a seed torch cannot take) in one line."""
+    for option, value in (("--temperature", temperature), ("--top-p", top_p)):
+        if not math.isfinite(value):
+            raise MtpkitError(f"{option} must be a finite number (got {value})")
+    if seed is not None and not -2**63 <= seed < 2**64:  # the range torch.Generator.manual_seed takes
+        raise MtpkitError(f"--seed must fit in 64 bits (got {seed})")
+
+
 def _record_prompt(record: dict) -> str | None:
     """A jsonl record's prompt: "prompt", else the first of "turns", else "text"."""
     turns = record.get("turns")
@@ -70,10 +80,13 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when the output contains this text (repeatable).")] = None,
     trace: Annotated[Optional[Path], typer.Option(help="Write one JSON line per decoding step (drafts, their confidences, accepted length, rejected node) to this file.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Load this base instead of the one named in the heads directory (it must be the same model).")] = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--stock-kernels", help="Run linear layers on mtpkit's small-row kernels (same results, cheaper verification on CPUs).")] = True,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (greedy output is identical to plain greedy in float32; in half precision the two may drift).")] = "float32",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the base's own code from the hub (also on when the heads config records it).")] = False,
+    fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--stock-kernels", help="Run linear layers on mtpkit's small-row kernels where measured to pay (float32 on a CPU; same results).")] = True,
 ) -> None:
     """Generate text with self-speculative decoding; text streams to stdout, a summary goes to stderr."""
+    from mtpkit.backbone import resolve_placement
     from mtpkit.checkpoint import open_heads
     from mtpkit.config import HeadsConfig
     from mtpkit.decoding import SpeculativeDecoder, TextStream, check_sampling, encode_prompt
@@ -82,6 +95,8 @@ def generate(
 
     # everything cheap is checked before the model loads
     prompts = read_prompts(prompt, prompts_file)
+    check_numbers(temperature=temperature, top_p=top_p, seed=seed)
+    resolve_placement(device, dtype)
     check_sampling(temperature, top_p, top_k, typical)
     if max_new_tokens < 1:
         raise MtpkitError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
@@ -90,7 +105,7 @@ def generate(
     trace_file = _open_trace(trace)
 
     with console.status("loading the base model and heads"):
-        heads = open_heads(heads_dir, model=model, dtype=dtype)
+        heads = open_heads(heads_dir, model=model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         if fast_kernels:
             enable_fast_kernels(heads.backbone.model)
             enable_fast_kernels(heads)  # the draft layers run on few rows too
