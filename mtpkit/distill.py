@@ -21,6 +21,7 @@ import torch
 
 from mtpkit.backbone import Backbone, cache_root
 from mtpkit.data import Example, prompt_ids
+from mtpkit.quality import Degeneracy, degeneracy
 
 CPU_BATCH_SIZE = 64  # measured on 2 cores with the loop below: 114 tokens/s at 64 rows, 86 at 32
 GPU_BATCH_SIZE = 64
@@ -32,6 +33,7 @@ class DistillStats:
     cached: int = 0
     seconds: float = 0.0
     new_tokens: int = 0
+    degeneracy: Degeneracy | None = None  # empty and looping responses among all of them
 
 
 def cache_file(backbone: Backbone, max_new_tokens: int) -> Path:
@@ -215,4 +217,6 @@ def distill(backbone: Backbone, examples: list[Example], max_new_tokens: int, *,
         if on_batch:
             on_batch(min(done, len(keys)), len(keys))
     stats.seconds = time.perf_counter() - start
-    return [cached[key] for key in keys], stats
+    responses = [cached[key] for key in keys]
+    stats.degeneracy = degeneracy(responses, eos_ids(backbone))
+    return responses, stats

@@ -162,3 +162,14 @@ def test_distillation_bench_times_every_configuration_on_the_same_prompts(tiny_b
     assert result["speedup"]["two passes"] == 1.0
     native, evidence = native_bfloat16(torch.device("cpu"))
     assert isinstance(native, bool) and evidence
+
+
+def test_distill_reports_degenerate_responses(tiny_backbone):
+    from mtpkit.data import Example
+
+    examples = [Example("prompt", [{"role": "user", "content": f"Count to {i}."}]) for i in range(3)]
+    responses, stats = distill.distill(tiny_backbone, examples, max_new_tokens=40, batch_size=3)
+    expected = degeneracy(responses, distill.eos_ids(tiny_backbone))
+    assert stats.degeneracy == expected and stats.degeneracy.responses == 3
+    # a random tiny model repeats itself: the figures say so
+    assert stats.degeneracy.looping == sum(is_looping(r) for r in responses)
