@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
 
-.PHONY: setup test test-fast demo heads clean
+.PHONY: setup test test-fast demo heads corpus clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,14 @@ test-fast: setup
 demo: setup
 	$(BIN)/mtpkit bench mtpkit/trained/smollm2-135m-sequential --limit 8 --max-new-tokens 128 \
 		--json out/demo/bench.json --markdown out/demo/bench.md --plot out/demo/bench.png
+
+# The self-distilled corpus the default heads train on (prompts: the built-in train split, 1,500 prompts the
+# base writes itself, 1,200 GSM8K training questions; responses: the base's own, greedy, up to 256 tokens).
+# Resumable: run it again after an interruption and it goes on where it stopped; it prints its expected
+# duration up front. `make corpus CORPUS=out/corpus.parquet` regenerates one from nothing.
+CORPUS ?= mtpkit/trained/corpus/smollm2-135m.parquet
+corpus: setup
+	$(BIN)/mtpkit corpus $(CORPUS) --data builtin:prompts --data self:1500 --data builtin:gsm8k --max-new-tokens 256
 
 # Reproduce the shipped default heads from nothing (self-distill + train: 23.6 min measured on 2 CPU cores),
 # then copy the trained files (not the resumable checkpoint) over mtpkit/trained/.
