@@ -14,7 +14,9 @@ own next token, already emitted) and the base's hidden state h of the token befo
    path's KV entries (crop for a chain, index-select for a tree).
 
 Greedy output is the base's greedy output token for token. Batch size 1 only.
-Only the public transformers API is used: the decoder, ``DynamicCache`` and a 4-D mask.
+Only the public transformers API is used: the decoder, ``DynamicCache`` and 4-D masks. Sliding-window
+layers get full cache layers (so they roll back at any length) and the window goes into the mask; caches
+that cannot roll back (recurrent, linear-attention layers) are refused.
 """
 
 from __future__ import annotations
@@ -181,12 +183,10 @@ class TextStream:
 def greedy_generate(backbone: Backbone, input_ids, max_new_tokens: int = 128, *, stop_strings=(),
                     on_tokens=None) -> GenerationResult:
     """Plain greedy decoding, one token per base forward, on the same decoder/output layer/cache."""
-    from transformers import DynamicCache
-
     ids, budget = _check_prompt(backbone, input_ids, max_new_tokens)
     output = _Output(backbone, budget, stop_strings, on_tokens)
     start = time.perf_counter()
-    cache = DynamicCache(config=backbone.config)
+    cache = decoder_cache(backbone)
     hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
     token = backbone.logits(hidden).argmax(-1)
     forward_passes = 1
@@ -201,11 +201,12 @@ def greedy_generate(backbone: Backbone, input_ids, max_new_tokens: int = 128, *,
     return output.result(forward_passes, [1] * (forward_passes - 1), prefill, decode)
 
 
-# --------------------------------------------------------------------------- tree attention support
+# --------------------------------------------------------------------------- the cache and the masks
 
 
-_TREE_SUPPORT: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_TREE_PROBLEMS: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
 _WARNED: set[str] = set()
+_TREE_LAYER_TYPES = ("full_attention", "sliding_attention")  # the layer types ``tree_mask`` knows
 
 
 def _warn_once(message: str) -> None:
@@ -214,54 +215,120 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def tree_mask(ancestor_mask: torch.Tensor, prefix_length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4-D mask [1, 1, N, prefix + N]: every node sees the cache and its ancestors.
+def decoder_cache(backbone: Backbone):
+    """The KV cache every decoding path runs on: transformers' ``DynamicCache`` for the model, with a full
+    ``DynamicLayer`` in place of each sliding-window layer, so any attention layer can be cropped and
+    index-selected at any length. The model still applies its window, through its own mask (ours for trees);
+    the price is memory: a sliding layer then keeps every position, not just its window."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=backbone.config)
+    # a sliding layer keeps only its last window - 1 positions and refuses to roll back once it is full
+    cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
+    return cache
+
+
+def rollback_problem(cache) -> str | None:
+    """Why speculative decoding cannot roll ``cache`` back to an accepted path (None if it can)."""
+    from transformers.cache_utils import DummyLayer, DynamicLayer
+
+    # per-token KV can be cropped and index-selected; recurrent or conv states fold in every token they saw
+    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) not in (DynamicLayer, DummyLayer)})
+    return f"its {', '.join(kinds)} cache layers cannot be rolled back to a verified prefix" if kinds else None
+
+
+def attention_windows(backbone: Backbone) -> dict[str, int | None]:
+    """Each attention layer type of the model and its sliding window (None: full), read as its cache reads them."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(backbone.config.get_text_config(decoder=True))
+    return {kind: kwargs.get("sliding_window") for kind, kwargs in zip(layer_types, layer_kwargs) if kind != "dummy"}
+
+
+def tree_mask(ancestor_mask: torch.Tensor, prefix_length: int, dtype: torch.dtype, *,
+              depths: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """Additive 4-D mask [1, 1, N, prefix + N]: every node sees the cache and its ancestors; with a sliding
+    ``window``, only the keys fewer than ``window`` positions before its own (node i sits at prefix + depths[i]).
 
     Additive float (0 / dtype min) works for both the eager (adds it) and sdpa attention paths.
     """
     n = ancestor_mask.shape[0]
+    visible = torch.cat([ancestor_mask.new_ones(n, prefix_length), ancestor_mask], dim=1)
+    if window is not None:
+        queries = depths.to(ancestor_mask.device) + prefix_length
+        keys = torch.cat([torch.arange(prefix_length, device=ancestor_mask.device), queries])
+        visible &= queries[:, None] - keys[None, :] < window  # transformers' sliding_window_overlay
     mask = torch.zeros(1, 1, n, prefix_length + n, dtype=dtype, device=ancestor_mask.device)
-    mask[0, 0, :, prefix_length:].masked_fill_(~ancestor_mask, torch.finfo(dtype).min)
+    mask[0, 0].masked_fill_(~visible, torch.finfo(dtype).min)
     return mask
 
 
-def _cache_is_tree_safe(cache) -> bool:
-    from transformers.cache_utils import DynamicLayer
+def verify_mask(windows: dict[str, int | None], ancestor_mask: torch.Tensor, depths: torch.Tensor,
+                prefix_length: int, dtype: torch.dtype) -> "torch.Tensor | dict[str, torch.Tensor]":
+    """What a tree verification passes as ``attention_mask``: one 4-D mask when the model's attention layers
+    are all of one type, else a dict of them keyed by layer type (recent transformers models take it as is)."""
+    masks = {kind: tree_mask(ancestor_mask, prefix_length, dtype, depths=depths, window=window)
+             for kind, window in windows.items()}
+    return next(iter(masks.values())) if len(masks) == 1 else masks
 
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+def supports_tree_attention(backbone: Backbone) -> bool:
+    """Whether this model verifies a tree correctly (see ``tree_attention_problem``)."""
+    return tree_attention_problem(backbone) is None
 
 
 @torch.inference_mode()
-def supports_tree_attention(backbone: Backbone) -> bool:
-    """Whether this model verifies a tree correctly: a probe tree must match plain forwards of its paths."""
-    if backbone.model in _TREE_SUPPORT:
-        return _TREE_SUPPORT[backbone.model]
-    from transformers import DynamicCache
+def tree_attention_problem(backbone: Backbone) -> str | None:
+    """Why this model cannot verify a tree through our masks, or None if it can: a probe tree verified after a
+    prefix longer than its shortest sliding window must match plain forwards of the tree's paths (four forwards
+    of a window's length, once per model)."""
+    if backbone.model in _TREE_PROBLEMS:
+        return _TREE_PROBLEMS[backbone.model]
+    windows = attention_windows(backbone)
+    unknown = sorted(set(windows) - set(_TREE_LAYER_TYPES))
+    if unknown:
+        problem = f"mtpkit builds no tree mask for its {', '.join(unknown)} layers"
+    else:
+        problem = _probe_tree(backbone, windows)
+    _TREE_PROBLEMS[backbone.model] = problem
+    return problem
 
-    vocab = backbone.vocab_size
-    prefix = (torch.arange(3, 9, device=backbone.device) % vocab).unsqueeze(0)
+
+def _probe_tree(backbone: Backbone, windows: dict[str, int | None]) -> str | None:
+    device, dtype = backbone.device, backbone.dtype
+    shortest = min((w for w in windows.values() if w is not None), default=None)
+    length = 6 if shortest is None else shortest + 6  # past the window, so the probe tests it too
+    if backbone.max_context is not None:
+        length = min(length, backbone.max_context - 4)
+    prefix = (torch.arange(3, 3 + length, device=device) % backbone.vocab_size).unsqueeze(0)
     tree = build_tree([[0], [1], [0, 0]])
-    tokens = torch.tensor([[11, 12, 13, 14]], device=backbone.device) % vocab
-    ok = False
+    tokens = torch.tensor([[11, 12, 13, 14]], device=device) % backbone.vocab_size
+    mask = verify_mask(windows, tree.ancestor_mask.to(device), tree.position_offsets.to(device), length, dtype)
+    positions = (tree.position_offsets.to(device) + length).unsqueeze(0)
     try:
-        cache = DynamicCache(config=backbone.config)
+        cache = decoder_cache(backbone)
         backbone.hidden(prefix, past_key_values=cache, use_cache=True)
-        if _cache_is_tree_safe(cache):
-            mask = tree_mask(tree.ancestor_mask.to(backbone.device), prefix.shape[1], backbone.dtype)
-            positions = (tree.position_offsets.to(backbone.device) + prefix.shape[1]).unsqueeze(0)
-            verified = backbone.hidden(tokens, past_key_values=cache, attention_mask=mask, position_ids=positions,
-                                       use_cache=True).last_hidden_state[0].float()
-            ok = True
-            for path in tree.retrieve_indices.tolist():
-                nodes = [i for i in path if i >= 0]
-                full = torch.cat([prefix, tokens[:, nodes]], dim=1)
-                expected = backbone.hidden(full).last_hidden_state[0, -len(nodes):].float()
-                error = (verified[nodes] - expected).norm() / expected.norm().clamp(min=1e-6)
-                ok = ok and error.item() < 1e-2
-    except (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError):
-        ok = False
-    _TREE_SUPPORT[backbone.model] = ok
-    return ok
+        verified = backbone.hidden(tokens, past_key_values=cache, attention_mask=mask, position_ids=positions,
+                                   use_cache=True).last_hidden_state[0].float()
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, NotImplementedError) as exc:
+        form = "a dict of 4-D masks by layer type" if isinstance(mask, dict) else "a 4-D mask"
+        reason = str(exc).split("\n", 1)[0][:120]
+        return f"its forward refuses {form} ({type(exc).__name__}: {reason})"
+    # per node, a correct tree differs from plain forwards by rounding alone (1e-6 in fp32, up to ~3 eps in fp16 and
+    # bf16 on deep models), a wrong mask by 1e-1 or more
+    tolerance = max(2e-2, 8 * torch.finfo(dtype).eps)
+    error = 0.0
+    for path in tree.retrieve_indices.tolist():
+        nodes = [i for i in path if i >= 0]
+        expected = backbone.hidden(torch.cat([prefix, tokens[:, nodes]], dim=1)).last_hidden_state[0, -len(nodes):]
+        expected = expected.float()
+        node_errors = (verified[nodes] - expected).norm(dim=-1) / expected.norm(dim=-1).clamp(min=1e-6)
+        error = max(error, node_errors.max().item())
+    if error > tolerance:
+        return (f"a probe tree's hidden states differ from plain forwards of its paths by {error:.2g} "
+                f"(tolerance {tolerance:.2g} in {str(dtype).removeprefix('torch.')})")
+    return None
 
 
 # --------------------------------------------------------------------------- the speculative decoder
@@ -270,8 +337,9 @@ def supports_tree_attention(backbone: Backbone) -> bool:
 class _Plan:
     """Device buffers of one tree, built once: what drafting and verification index with."""
 
-    def __init__(self, tree: Tree, device: torch.device, sequential: bool):
+    def __init__(self, tree: Tree, device: torch.device, sequential: bool, windows: dict[str, int | None]):
         self.tree = tree
+        self.windows = windows
         self.num_nodes = n = tree.num_nodes
         self.max_depth = tree.max_depth
         self.is_chain = tree.is_chain
@@ -304,18 +372,22 @@ class _Plan:
         self.retrieve = self.retrieve_raw.clamp(min=0)
         self.retrieve_valid = self.retrieve_raw[:, 1:] >= 0
         self.tokens = torch.zeros(n, dtype=torch.long, device=device)
-        self._mask_buffer: torch.Tensor | None = None
-        self._mask_capacity = 0
+        self._masks: "torch.Tensor | dict[str, torch.Tensor] | None" = None
+        self._mask_capacity, self._mask_dtype = 0, None
 
-    def mask(self, prefix_length: int, capacity: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """The 4-D mask for a cache of ``prefix_length``: a view into one buffer per generate call."""
+    def mask(self, prefix_length: int, capacity: int, dtype: torch.dtype):
+        """The verification mask (``verify_mask``) for a cache of ``prefix_length``: views into the masks built
+        once per generate call for a cache of ``capacity``, whose last columns are this prefix's (a sliding
+        window looks back from each node, so it lines up too)."""
         if self.is_chain:
-            return None  # the model's own causal mask is right for a chain
-        if self._mask_buffer is None or capacity > self._mask_capacity or self._mask_buffer.dtype != dtype:
-            self._mask_capacity = capacity
-            self._mask_buffer = tree_mask(self.ancestor_mask, capacity, dtype)
+            return None  # the model's own causal (and sliding-window) masks are right for a chain
+        if self._masks is None or capacity > self._mask_capacity or self._mask_dtype != dtype:
+            self._mask_capacity, self._mask_dtype = capacity, dtype
+            self._masks = verify_mask(self.windows, self.ancestor_mask, self.offsets, capacity, dtype)
         start = self._mask_capacity - prefix_length
-        return self._mask_buffer[..., start:]
+        if isinstance(self._masks, dict):
+            return {kind: mask[..., start:] for kind, mask in self._masks.items()}
+        return self._masks[..., start:]
 
 
 def resolve_tree(tree, heads: DraftHeads) -> Tree:
@@ -362,15 +434,20 @@ class SpeculativeDecoder:
         self.backbone: Backbone = heads.backbone
         self.temperature, self.top_p, self.top_k, self.typical = temperature, top_p, top_k, typical
         self.sampling = temperature > 0
+        architecture = self.backbone.architecture
+        problem = rollback_problem(decoder_cache(self.backbone))
+        if problem:
+            raise MtpkitError(f"{architecture} cannot decode speculatively: {problem} (rejected drafts would "
+                              "leave a trace)")
         resolved = resolve_tree(tree, heads)
-        if not resolved.is_chain and not supports_tree_attention(self.backbone):
-            _warn_once(f"{self.backbone.architecture} cannot verify a tree through a 4-D attention mask "
-                       "(or its cache cannot be rolled back per token): falling back to chain drafts")
+        problem = None if resolved.is_chain else tree_attention_problem(self.backbone)
+        if problem:
+            _warn_once(f"{architecture} cannot verify a tree ({problem}): falling back to chain drafts")
             resolved = build_tree(chain_choices(min(resolved.max_depth, heads.num_heads)))
         self.tree = resolved
-        device = self.backbone.device
-        self._plan = _Plan(resolved, device, heads.is_sequential)
-        self._root_plan = _Plan(build_tree([]), device, heads.is_sequential)  # near the end of the context
+        device, windows = self.backbone.device, attention_windows(self.backbone)
+        self._plan = _Plan(resolved, device, heads.is_sequential, windows)
+        self._root_plan = _Plan(build_tree([]), device, heads.is_sequential, windows)  # near the end of the context
         self._rng = random.Random(seed)
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed if seed is not None else random.randrange(2**63))
@@ -388,15 +465,13 @@ class SpeculativeDecoder:
     def generate(self, input_ids: torch.LongTensor, max_new_tokens: int = 128, *, stop_strings=(), on_tokens=None,
                  trace=None) -> GenerationResult:
         """Decode up to ``max_new_tokens``; ``on_tokens(list[int])`` streams, ``trace(dict)`` sees each step."""
-        from transformers import DynamicCache
-
         backbone = self.backbone
         ids, budget = _check_prompt(backbone, input_ids, max_new_tokens)
         context = backbone.max_context
         capacity = ids.shape[1] + budget + 1
         output = _Output(backbone, budget, stop_strings, on_tokens)
         start = time.perf_counter()
-        cache = DynamicCache(config=backbone.config)
+        cache = decoder_cache(backbone)
         draft_cache = self.heads.new_draft_cache()
         # the base's hidden states of the newly committed positions; the last one's next token is the root
         hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[0]
@@ -568,6 +643,8 @@ class SpeculativeDecoder:
         if nodes != list(range(keep)):
             source = torch.tensor(nodes, device=self.backbone.device) + prefix
             for layer in cache.layers:
+                if layer.keys is None:
+                    continue  # a layer without its own KV (it reads another layer's)
                 layer.keys[:, :, prefix:prefix + keep] = layer.keys.index_select(2, source)
                 layer.values[:, :, prefix:prefix + keep] = layer.values.index_select(2, source)
         if plan.num_nodes > keep:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mtpkit.config import HeadsConfig
-from mtpkit.decoding import (SpeculativeDecoder, _Plan, encode_prompt, greedy_generate, rejection_walk,
-                             supports_tree_attention, tree_mask)
+from mtpkit.decoding import (SpeculativeDecoder, _Plan, attention_windows, decoder_cache, encode_prompt,
+                             eos_token_ids, greedy_generate, rejection_walk, supports_tree_attention, tree_mask)
 from mtpkit.draft_layer import append_keys
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads, build_heads
@@ -166,13 +166,13 @@ def test_kv_rollback_equals_recomputation(tiny_backbone):
     ids = prompt_ids(tiny_backbone)
     heads = random_heads(tiny_backbone, "medusa")
     decoder = SpeculativeDecoder(heads, TREE)
-    plan = _Plan(build_tree(TREE), tiny_backbone.device, sequential=False)
+    plan = _Plan(build_tree(TREE), tiny_backbone.device, sequential=False, windows=attention_windows(tiny_backbone))
     tokens = torch.arange(20, 20 + plan.num_nodes)
     nodes = [0, 1, 5, 8]  # root, (0), (0, 1), (0, 1, 0): not a prefix of the node order
     assert [build_tree(TREE).parents.tolist()[n] for n in nodes[1:]] == nodes[:-1]
     prefix = ids.shape[1]
     with torch.inference_mode():
-        cache = DynamicCache(config=tiny_backbone.config)
+        cache = decoder_cache(tiny_backbone)
         tiny_backbone.hidden(ids, past_key_values=cache, use_cache=True)
         tree_out = tiny_backbone.hidden(tokens.unsqueeze(0), past_key_values=cache,
                                         attention_mask=plan.mask(prefix, prefix + 8, tiny_backbone.dtype),
@@ -248,7 +248,7 @@ def test_generation_near_the_end_of_the_context(tiny_backbone):
     heads = OracleHeads(tiny_backbone, "medusa", [5, 6, 7])  # drafts are random here
     ids = torch.arange(5, 5 + 505).remainder(tiny_backbone.vocab_size).unsqueeze(0)
     tiny_backbone.model.generation_config.eos_token_id = None
-    tiny_backbone.tokenizer.eos_token  # the tokenizer's EOS still stops generation
+    assert eos_token_ids(tiny_backbone) == {tiny_backbone.tokenizer.eos_token_id}  # the tokenizer's EOS still stops
     result = SpeculativeDecoder(heads, TREE).generate(ids, 50)
     reference = greedy_generate(tiny_backbone, ids, 50)
     assert result.tokens == reference.tokens and len(result.tokens) <= 512 - 505
@@ -338,6 +338,107 @@ def test_speculative_sampling_matches_the_base_distribution(tiny_backbone, monke
 
     monkeypatch.setattr(decoding, "rejection_walk", lambda children, probs, uniform: ([0, 1], []))
     assert _total_variation(decoder, ids, exact, 200) > 0.2
+
+
+class ParentTable(DraftHeads):
+    """Sequential heads drafting, under any parent token t, the base's top tokens after ``prompt + [t]``: right
+    context at depth 1 (drafts often right, often wrong), wrong context deeper (drafts mostly wrong)."""
+
+    def __init__(self, backbone, prompt: torch.Tensor, num_heads: int):
+        super().__init__(heads_config(backbone, "sequential", num_heads, own_lm_head=True), backbone)
+        every_token = torch.arange(backbone.vocab_size).unsqueeze(1)
+        with torch.no_grad():
+            self.table = backbone.model(input_ids=torch.cat([prompt.expand(len(every_token), -1), every_token], 1)
+                                        ).logits[:, -1]
+
+    def state(self, k, hidden, prev_state=None, token=None):
+        state = hidden.clone()
+        state[:, 0] = token.to(state.dtype)
+        return state
+
+    def logits(self, k, state):
+        return self.table[state[:, 0].long()]
+
+    def draft_logits(self, k, state):
+        return self.logits(k, state), None
+
+
+def _warped(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution: temperature, then the smallest top set holding ``top_p`` of the mass."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    keep = ordered.cumsum(-1) - ordered < top_p
+    kept = torch.zeros_like(probs).scatter(-1, order, ordered * keep)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def _exact_marginals(backbone, ids, new_tokens: int, temperature: float, top_p: float) -> list[dict[int, float]]:
+    """P(x_i = t) for each of the first ``new_tokens`` tokens the base samples, by enumerating every sequence."""
+    sequences = {(): 1.0}
+    marginals = []
+    for _ in range(new_tokens):
+        prefixes = list(sequences)
+        continued = torch.tensor(prefixes, dtype=torch.long).view(len(prefixes), -1)
+        with torch.no_grad():
+            logits = backbone.model(input_ids=torch.cat([ids.expand(len(prefixes), -1), continued], 1)).logits[:, -1]
+        probs = _warped(logits, temperature, top_p)
+        grown, marginal = {}, Counter()
+        for prefix, row in zip(prefixes, probs):
+            for token in row.nonzero().flatten().tolist():
+                p = sequences[prefix] * row[token].item()
+                grown[prefix + (token,)] = p
+                marginal[token] += p
+        sequences = grown
+        marginals.append(dict(marginal))
+    return marginals
+
+
+def _sample_marginals(decoder, ids, positions: int, samples: int) -> tuple[list[Counter], float]:
+    """Counts of each emitted position's token over ``samples`` runs, and how often a run's first step rejected a
+    draft."""
+    counts = [Counter() for _ in range(positions)]
+    rejections = 0
+    for _ in range(samples):
+        steps = []
+        for position, token in enumerate(decoder.generate(ids, positions, trace=steps.append).tokens):
+            counts[position][token] += 1
+        rejections += steps[0]["rejected_node"] is not None
+    return counts, rejections / samples
+
+
+def _total_variations(counts: list[Counter], exact: list[dict[int, float]]) -> list[float]:
+    samples = sum(counts[0].values())
+    return [0.5 * sum(abs(count[t] / samples - p.get(t, 0.0)) for t in set(p) | set(count))
+            for count, p in zip(counts, exact)]
+
+
+@pytest.mark.parametrize("family", ["qwen2"])
+def test_speculative_sampling_after_rejections_matches_the_base_distribution(tiny_backbone, monkeypatch):
+    """A depth-3 tree whose drafts are often rejected, with top-p and a temperature: the tokens drawn after
+    rejections follow the base's warped distribution only if the rejected drafts are taken out of it."""
+    ids = prompt_ids(tiny_backbone)
+    tiny_backbone.model.generation_config.eos_token_id = None
+    temperature, top_p, samples = 0.7, 0.4, 800
+    exact = _exact_marginals(tiny_backbone, ids, 3, temperature, top_p)
+    assert all(len(p) <= 30 for p in exact)  # small supports (3, 7, 25 tokens): sampling noise stays near 0.03
+    heads = ParentTable(tiny_backbone, ids, num_heads=3)
+    decoder = SpeculativeDecoder(heads, [[0], [1], [0, 0], [0, 1], [0, 0, 0]], temperature=temperature,
+                                 top_p=top_p, seed=0)
+    counts, rejected = _sample_marginals(decoder, ids, 3, samples)
+    assert 0.3 < rejected < 0.95  # drafts are often wrong, not always
+    assert max(_total_variations(counts, exact)) < 0.08
+
+    # the power to catch a sampler that, after rejections, draws from the base distribution with the rejected
+    # drafts still in it (no residual): they come out too often
+    import mtpkit.decoding as decoding
+
+    def walk_keeping_rejected_drafts(children, child_probs, uniform):
+        nodes, _ = rejection_walk(children, child_probs, uniform)
+        return nodes, []
+
+    monkeypatch.setattr(decoding, "rejection_walk", walk_keeping_rejected_drafts)
+    counts, _ = _sample_marginals(decoder, ids, 3, samples // 2)
+    assert max(_total_variations(counts, exact)) > 0.12
 
 
 def test_sampling_and_typical_run_on_trees(tiny_backbone):
