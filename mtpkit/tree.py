@@ -201,3 +201,39 @@ def _interpolate(cost: dict[int, float], n: int) -> float:
     lo, hi = sizes[-2:] if len(sizes) > 1 else (sizes[0], sizes[0])
     slope = (cost[hi] - cost[lo]) / (hi - lo) if hi != lo else 0.0
     return cost[hi] + slope * (n - hi)
+
+
+def tree_from_parents(parents) -> Tree:
+    """Tree buffers from a parents list: ``parents[0] == -1`` (the root), ``parents[i] < i`` for the others.
+
+    The one pure function for trees given node by node (drafters' tries, dynamic trees). Each node's
+    rank is its order among its parent's children (in index order), so ``choices`` are the rank paths;
+    when the nodes come in ``build_tree``'s order (depth, then rank path), the buffers equal
+    ``build_tree(choices)``'s.
+    """
+    parents = [int(p) for p in parents]
+    if not parents or parents[0] != -1:
+        raise MtpkitError("a tree's parents list starts with -1, its root")
+    for i, parent in enumerate(parents[1:], start=1):
+        if not 0 <= parent < i:
+            raise MtpkitError(f"node {i} has parent {parent}: every node's parent must come before it")
+    n = len(parents)
+    paths: list[tuple[int, ...]] = [()]
+    ancestors: list[list[int]] = [[0]]  # root first, the node itself last
+    child_count = [0] * n
+    for i in range(1, n):
+        parent = parents[i]
+        paths.append(paths[parent] + (child_count[parent],))
+        child_count[parent] += 1
+        ancestors.append(ancestors[parent] + [i])
+    depths = [len(path) for path in paths]
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, line in enumerate(ancestors):
+        mask[i, line] = True
+    leaves = [i for i in range(n) if child_count[i] == 0]
+    retrieve = torch.full((len(leaves), max(depths) + 1), -1, dtype=torch.long)
+    for row, leaf in enumerate(leaves):
+        retrieve[row, : len(ancestors[leaf])] = torch.tensor(ancestors[leaf])
+    return Tree(choices=tuple(paths[1:]), parents=torch.tensor(parents), depths=torch.tensor(depths),
+                ranks=torch.tensor([-1] + [path[-1] for path in paths[1:]]), ancestor_mask=mask,
+                position_offsets=torch.tensor(depths), retrieve_indices=retrieve)

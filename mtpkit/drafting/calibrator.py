@@ -1,0 +1,75 @@
+"""How far to trust each drafter's confidence: acceptance rates measured in bins of raw confidence.
+
+A drafter's raw confidence (a head's softmax probability, a lookup's match frequency) is rarely
+the real chance that the base accepts the token. Per source and per bin of raw confidence the
+calibrator counts proposed nodes that were tried (their parent was accepted) and accepted; the
+calibrated probability is that rate, pulled toward the raw value by ``prior_weight`` pseudo-trials,
+so it equals the raw confidence before any step and the measured rate after many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+from mtpkit.errors import MtpkitError
+
+if TYPE_CHECKING:
+    from mtpkit.drafting.merge import DraftTree
+
+
+@dataclass
+class ConfidenceCalibrator:
+    num_bins: int = 10
+    prior_weight: float = 4.0
+    _tried: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False)
+    _accepted: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.num_bins < 1 or self.prior_weight <= 0:
+            raise MtpkitError("the calibrator needs num_bins >= 1 and prior_weight > 0")
+
+    def bin(self, raw: float) -> int:
+        return min(self.num_bins - 1, max(0, int(raw * self.num_bins)))
+
+    def calibrate(self, source: str, raw: float) -> float:
+        """P(accepted | parent accepted) for a node ``source`` proposed with confidence ``raw``."""
+        b = self.bin(raw)
+        tried = self._tried.get(source, [0] * self.num_bins)[b]
+        accepted = self._accepted.get(source, [0] * self.num_bins)[b]
+        return (accepted + self.prior_weight * raw) / (tried + self.prior_weight)
+
+    def record(self, source: str, raw: float, accepted: bool) -> None:
+        b = self.bin(raw)
+        self._tried.setdefault(source, [0] * self.num_bins)[b] += 1
+        self._accepted.setdefault(source, [0] * self.num_bins)[b] += int(accepted)
+
+    def observe(self, draft: "DraftTree", accepted_nodes: Sequence[int]) -> None:
+        """Learn from one verification: ``accepted_nodes`` are the tree's accepted node indices, root first.
+
+        Only nodes whose parent was accepted were put to the test; the others say nothing.
+        """
+        accepted = set(accepted_nodes)
+        parents = draft.tree.parents.tolist()
+        for node in range(1, len(parents)):
+            if parents[node] in accepted:
+                for source, raw in zip(draft.sources[node], draft.raw_confidences[node]):
+                    self.record(source, raw, node in accepted)
+
+    def acceptance_rates(self, source: str) -> list[float | None]:
+        """Measured acceptance rate per bin (None where nothing was tried)."""
+        tried = self._tried.get(source, [0] * self.num_bins)
+        accepted = self._accepted.get(source, [0] * self.num_bins)
+        return [a / t if t else None for a, t in zip(accepted, tried)]
+
+    def state_dict(self) -> dict:
+        return {"num_bins": self.num_bins, "prior_weight": self.prior_weight,
+                "tried": {s: list(v) for s, v in self._tried.items()},
+                "accepted": {s: list(v) for s, v in self._accepted.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "ConfidenceCalibrator":
+        calibrator = cls(int(state["num_bins"]), float(state["prior_weight"]))
+        calibrator._tried = {s: [int(x) for x in v] for s, v in state.get("tried", {}).items()}
+        calibrator._accepted = {s: [int(x) for x in v] for s, v in state.get("accepted", {}).items()}
+        return calibrator
