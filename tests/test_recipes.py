@@ -47,7 +47,7 @@ def test_shipped_heads_were_trained_by_their_recipe():
     import json
 
     root = Path(__file__).resolve().parents[1]
-    shipped = sorted((root / "mtpkit" / "trained").iterdir())
+    shipped = sorted(path.parent for path in (root / "mtpkit" / "trained").glob("*/mtp_config.json"))
     assert shipped, "mtpkit ships trained heads for the default model"
     for heads_dir in shipped:
         recipe = read_recipe(root / "recipes" / f"{heads_dir.name}.yaml")
@@ -59,3 +59,25 @@ def test_shipped_heads_were_trained_by_their_recipe():
         assert config["base_model"] == "smollm2-135m" and config["style"] in heads_dir.name
         assert len(training["eval"]["head_top1"]) == config["num_heads"]
         assert (heads_dir / "heads.safetensors").stat().st_size < 32 * 2**20  # heads only, never the base
+
+
+def test_every_option_is_declared_once_and_reaches_the_cli_and_the_recipes():
+    """The dataclass is the one declaration: each field is a `finetune` option with its help text, and a recipe
+    key unless it is marked otherwise (only --trust-remote-code, which stays a command-line decision)."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from mtpkit.cli.app import app
+
+    fields = dataclasses.fields(FinetuneOptions)
+    assert all(f.metadata["help"] for f in fields)
+    assert RECIPE_KEYS == tuple(f.name for f in fields if f.name != "trust_remote_code")
+    result = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "4000", "TERMINAL_WIDTH": "4000"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "YAML file of these options" in text and "Heads directory written by `mtpkit attach`" in text
+    for f in fields:
+        flag = (f.metadata["flag"] or "--" + f.name.replace("_", "-")).split("/")[0]
+        assert flag in text, flag
+        assert " ".join(f.metadata["help"].split())[:60] in text, f.name

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mtpkit import targets, train
+from mtpkit.train import recipe
 from mtpkit.attach import attach
 from mtpkit.backbone import load_backbone
 from mtpkit.checkpoint import open_heads
@@ -82,13 +83,13 @@ def test_feature_loss_adds_the_regression_to_the_base_hidden_state_at_t_plus_k(t
     heads_dir = make_heads(tiny_model_dirs, tmp_path, num_heads=2)
     run = train.setup(heads_dir, options(text_data))
     batch = train.collate(run.train_examples, [0, 1, 2], run.train_store, torch.device("cpu"))
-    args = (run.heads, batch, batch.hidden, [1.0, 1.0], "distill", run.accelerator, 1.0, False, run.vocab)
+    args = (run.model, batch, [1.0, 1.0], "distill", run.accelerator, 1.0, False, run.vocab)
     plain = train.backward_heads(*args)
     with_feature = train.backward_heads(*args, feature_weight=2.0)
     flat = batch.hidden.reshape(-1, batch.hidden.shape[-1])
     for k in (1, 2):
         _, valid = targets.head_targets(batch.ids, k, batch.loss_mask)
-        rows, at_target = train._rows(valid, k)
+        rows, at_target = train.head_rows(valid, k)
         expected = torch.nn.functional.smooth_l1_loss(flat[rows], flat[at_target], reduction="none").mean()
         assert expected > 0.01
         assert with_feature[k - 1] - plain[k - 1] == pytest.approx(2.0 * float(expected), rel=1e-4)
@@ -150,9 +151,13 @@ def test_finetune_writes_the_heads_dir_contract(tiny_model_dirs, tmp_path, text_
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if "eval" in r] == [3, 6]
     assert "mtpkit generate <this directory> --prompt" in (heads_dir / "README.md").read_text()
-    reloaded = open_heads(heads_dir)  # the written dir loads again, with the trained weights
-    for name, tensor in result.config and reloaded.state_dict().items():
-        assert torch.equal(tensor, load_file(str(heads_dir / WEIGHTS_NAME))[name])
+    trained = {name: tensor.detach().cpu() for name, tensor in result.heads.state_dict().items()}
+    fresh = open_heads(make_heads(tiny_model_dirs, tmp_path, style="sequential", name="fresh")).state_dict()
+    assert any(not torch.equal(trained[name], fresh[name]) for name in trained)  # training moved them
+    reloaded = open_heads(heads_dir).state_dict()  # the written dir loads again, with the trained weights
+    assert reloaded.keys() == trained.keys()
+    for name, tensor in reloaded.items():
+        assert torch.equal(tensor, trained[name]), name
 
 
 class StopAt:
@@ -237,7 +242,7 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model_dirs, tmp_path, text_dat
 
 def test_nan_keeps_the_last_good_checkpoint(tiny_model_dirs, tmp_path, text_data, monkeypatch):
     heads_dir = make_heads(tiny_model_dirs, tmp_path)
-    real = train.backward_heads
+    real = recipe.backward_heads  # the loop calls the name it imported
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -245,7 +250,7 @@ def test_nan_keeps_the_last_good_checkpoint(tiny_model_dirs, tmp_path, text_data
         losses = real(*args, **kwargs)
         return [float("inf")] + losses[1:] if len(calls) == 4 else losses
 
-    monkeypatch.setattr(train, "backward_heads", poisoned)
+    monkeypatch.setattr(recipe, "backward_heads", poisoned)
     with pytest.raises(MtpkitError, match=r"non-finite at step 4.*last good checkpoint \(step 2\)"):
         train.finetune(heads_dir, options(text_data, save_every=2))
     assert torch.load(heads_dir / CHECKPOINT_DIR / "state.pt", weights_only=True)["step"] == 2
@@ -333,3 +338,35 @@ def test_bfloat16_base_with_mixed_precision_trains_float32_heads(tiny_model_dirs
     draft_vocab = saved.pop("draft_vocab")  # the target tokens of the training data, drafted from at decode time
     assert draft_vocab.dtype == torch.int64 and draft_vocab.numel() > 0 and bool((draft_vocab.diff() > 0).all())
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())
+
+
+@pytest.mark.parametrize("option", ["--lr", "--warmup-ratio", "--weight-decay", "--max-grad-norm", "--feature-loss",
+                                    "--eval-fraction"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_cli_non_finite_numbers_give_one_error_line(tmp_path, text_data, option, value):
+    result = runner.invoke(app, ["finetune", str(tmp_path), "--data", str(text_data), option, value])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)  # not an uncaught error
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {option} must be a finite number (got {float(value)!r})"], result.output
+
+
+def test_finetune_honours_and_records_trust_remote_code(tiny_model_dirs, tmp_path, text_data, monkeypatch):
+    """From --trust-remote-code, or from the heads' config (attach recorded it), down to the base's loader."""
+    asked = []
+
+    def recording_load_backbone(model, **kwargs):
+        asked.append(kwargs.get("trust_remote_code"))
+        return load_backbone(model, dtype=kwargs.get("dtype", "float32"))
+
+    monkeypatch.setattr(recipe, "load_backbone", recording_load_backbone)
+    heads_dir = make_heads(tiny_model_dirs, tmp_path)
+    args = ["finetune", str(heads_dir), "--data", str(text_data), "--max-steps", "1", "--batch-size", "4",
+            "--eval-every", "0", "--eval-fraction", "0.2"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert asked == [False] and HeadsConfig.read(heads_dir).trust_remote_code is False
+    result = runner.invoke(app, args + ["--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    assert asked == [False, True] and HeadsConfig.read(heads_dir).trust_remote_code is True
+    assert runner.invoke(app, args).exit_code == 0  # now the config says so, without the flag
+    assert asked == [False, True, True] and HeadsConfig.read(heads_dir).trust_remote_code is True

@@ -1,7 +1,16 @@
-"""``mtpkit finetune``: train the draft heads of a heads directory (the base stays frozen)."""
+"""``mtpkit finetune``: train the draft heads of a heads directory (the base stays frozen).
+
+Its options are the fields of ``mtpkit.train.options.FinetuneOptions``: the signature below, the recipe keys
+and the ``--help`` text are all derived from that one declaration.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import inspect
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -11,11 +20,7 @@ from rich.table import Table
 
 from mtpkit.cli.common import console, fail, friendly_errors
 from mtpkit.errors import MtpkitError
-
-# the options a recipe may set: every option of this command except --recipe itself
-RECIPE_KEYS = ("data", "epochs", "max_steps", "lr", "batch_size", "grad_accum", "max_length", "max_examples",
-               "eval_fraction", "eval_every", "save_every", "head_weights", "loss", "train_vocab", "self_distill",
-               "distill_max_new_tokens", "feature_loss", "lora", "mixed_precision", "dtype", "resume", "seed")
+from mtpkit.train.options import RECIPE_KEYS, FinetuneOptions
 
 
 def read_recipe(path: Path) -> dict[str, Any]:
@@ -73,58 +78,59 @@ class RichProgress:
         self.progress.console.print(text, highlight=False)
 
 
+def _option_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter per ``FinetuneOptions`` field: its type, default, flag spelling and help."""
+    hints = typing.get_type_hints(FinetuneOptions)
+    parameters = []
+    for option in dataclasses.fields(FinetuneOptions):
+        kind, default = hints[option.name], option.default
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None, as typer spells it
+            kind = Optional[next(arg for arg in typing.get_args(kind) if arg is not type(None))]
+        if option.name == "data":  # no default on the command line: --data or a --recipe names the data
+            kind, default = Optional[kind], None
+        flags = [option.metadata["flag"]] if option.metadata["flag"] else []
+        annotation = Annotated[kind, typer.Option(*flags, help=option.metadata["help"])]
+        parameters.append(inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=annotation))
+    return parameters
+
+
 @friendly_errors
 def finetune(
     ctx: typer.Context,
     heads_dir: Annotated[Path, typer.Argument(help="Heads directory written by `mtpkit attach`; rewritten with the trained heads.")],
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="Training data (repeatable): .jsonl/.json/.parquet/.csv/.txt file, hub dataset name, or builtin:prompts.")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="YAML file of these options; options given on the command line win.")] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 2,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (overrides --epochs).")] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine decay).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch (per process).")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    max_length: Annotated[int, typer.Option(help="Longest training sequence in tokens (longer ones are cut).")] = 512,
-    max_examples: Annotated[Optional[int], typer.Option(help="Use at most this many records (a seeded random subset).")] = None,
-    eval_fraction: Annotated[float, typer.Option(help="Fraction of the records held out for evaluation.")] = 0.1,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every N steps (0: only at the end).")] = 50,
-    save_every: Annotated[int, typer.Option(help="Write a resumable checkpoint every N steps (0: only on Ctrl-C).")] = 50,
-    head_weights: Annotated[str, typer.Option(help="Per-head loss weights: uniform, linear, exponential (0.8^k), primary-aux, or K numbers like 1,0.5,0.3.")] = "exponential",
-    loss: Annotated[str, typer.Option(help="distill (KL to the base's own distribution at the target position, Hydra's teacher loss) or ce (cross-entropy on the data's tokens).")] = "distill",
-    train_vocab: Annotated[str, typer.Option(help="data (softmax over the tokens that occur in the training data: several times faster on a CPU) or full.")] = "data",
-    self_distill: Annotated[Optional[bool], typer.Option("--self-distill/--no-self-distill", help="Let the base write the responses itself (default: on for prompt-only data).")] = None,
-    distill_max_new_tokens: Annotated[int, typer.Option(help="Longest self-distilled response in tokens.")] = 128,
-    feature_loss: Annotated[float, typer.Option(help="Weight of the feature-regression term (EAGLE): each head's state is pulled towards the base's hidden state at its target position (0: off).")] = 0.0,
-    lora: Annotated[bool, typer.Option("--lora", help="Also train a LoRA adapter on the base (Medusa-2); changes the base's outputs.")] = False,
-    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (passed to accelerate).")] = "no",
-    dtype: Annotated[str, typer.Option(help="dtype of the frozen base: float32, bfloat16 or float16 (not float32 needs --mixed-precision).")] = "float32",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in HEADS_DIR/checkpoint.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for the data split and order.")] = 0,
+    **given: Any,
 ) -> None:
     """Train the draft heads of HEADS_DIR on a frozen base model.
 
-    Multi-GPU or multi-node: accelerate launch -m mtpkit finetune HEADS_DIR ...
+    Several processes (GPUs, nodes, or CPU processes), each training on its share of the data:
+    accelerate launch -m mtpkit finetune HEADS_DIR ...  or  torchrun --nproc_per_node N -m mtpkit finetune HEADS_DIR ...
     """
-    arguments = dict(locals())
-    given = {key: arguments[key] for key in RECIPE_KEYS}
-    from mtpkit.train import Callbacks, FinetuneOptions, TrainingInterrupted
+    from mtpkit.train import Callbacks, TrainingInterrupted, is_main_process
     from mtpkit.train import finetune as run_finetune
 
-    settings = merge_recipe(ctx, given, read_recipe(recipe)) if recipe else given
+    settings = merge_recipe(ctx, given, read_recipe(recipe)) if recipe else dict(given)
     settings["data"] = list(settings["data"] or [])
     if not settings["data"]:
         raise MtpkitError("no training data: pass --data (a file, a hub dataset or builtin:prompts) or a --recipe")
-    if settings["lora"]:
+    options = FinetuneOptions(**settings)  # validates: a bad number is one line, before any process group or model
+    reporting = is_main_process()  # in a multi-process run, only the main process prints
+    if options.lora and reporting:
         console.print("[yellow]warning:[/] --lora tunes the base itself: its outputs change, so these heads need "
                       "the adapter saved with them, and hidden states cannot be cached (slower)", highlight=False)
-    options = FinetuneOptions(**settings)
     bar = RichProgress()
     try:
-        with bar.progress:
+        with bar.progress if reporting else contextlib.nullcontext():
             result = run_finetune(heads_dir, options, callbacks=Callbacks(progress=bar.update, message=bar.message))
     except TrainingInterrupted as exc:
         fail(str(exc), code=130)
-    render(result)
+    if result.main_process:
+        render(result)
+
+
+_fixed = list(inspect.signature(finetune, eval_str=True).parameters.values())[:3]  # ctx, heads_dir, --recipe
+finetune.__signature__ = inspect.Signature(_fixed + _option_parameters())
 
 
 def render(result) -> None:

@@ -1,0 +1,139 @@
+"""The heads' training loss: the module accelerate prepares (``TrainedModel``) and one micro-batch's forward,
+loss and backward (``backward_heads``).
+
+A head's loss needs its full-vocabulary logits, the largest tensor here, so heads are scored one at a time
+on a detached copy of their state, in chunks of rows, and the gradients reach the head trunks in one backward
+at the end (the one DDP synchronises). Head k at position t predicts ``mtpkit.targets.head_targets`` and is
+conditioned on ``mtpkit.targets.conditioning_tokens``: nothing here re-derives a shift.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mtpkit import targets
+from mtpkit.backbone import Backbone
+from mtpkit.heads import DraftHeads
+from mtpkit.train.batches import Batch, TrainVocab
+
+CHUNK_ROWS = 1024  # rows of full-vocabulary logits alive at once
+LORA_HEAD_SCALE = 0.2  # Medusa-2: with LoRA the base's own loss leads, the heads' is scaled down
+
+
+def conditioning(heads: DraftHeads, ids: torch.Tensor) -> list[torch.Tensor]:
+    return [targets.conditioning_tokens(ids, k) for k in range(1, heads.num_heads + 1)]
+
+
+def head_rows(valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the positions t where head k has a target, and of t + k (where the base predicts it)."""
+    width = valid.shape[1]
+    flat = valid.reshape(-1).nonzero().squeeze(1)
+    return flat, flat + (targets.target_offset(k) - 1)  # never crosses a row: valid t has t + k + 1 < width
+
+
+def _scores(heads: DraftHeads, k: int, states: torch.Tensor, vocab: TrainVocab | None,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of head k (k = 0: the base itself) over the full vocabulary or only ``vocab``; ``weight`` stands
+    in for head k's own output layer (a detached copy whose gradient is collected)."""
+    backbone = heads.backbone
+    if k == 0:
+        return backbone.logits(states) if vocab is None else backbone.logits(states, *_base_rows(backbone, vocab.ids))
+    layer, bias = heads.output_layer(k)
+    layer = layer if weight is None else weight
+    if vocab is not None:
+        layer, bias = layer[vocab.ids], None if bias is None else bias[vocab.ids]
+    return backbone.logits(states, layer, bias)
+
+
+def _base_rows(backbone: Backbone, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    layer = backbone.model.get_output_embeddings()
+    return layer.weight[rows], None if layer.bias is None else layer.bias[rows]
+
+
+class TrainedModel(nn.Module):
+    """What accelerate prepares (DDP, FSDP): the heads, and with LoRA the base too. Its forward is the
+    teacher-forced pass; the losses run outside it, on detached copies of what it returns, and one backward
+    from those copies into it per micro-batch is where the gradients are synchronised."""
+
+    def __init__(self, heads: DraftHeads, base: nn.Module | None = None):
+        super().__init__()
+        self.heads = heads
+        self.base = base  # the LoRA-wrapped base, None when frozen (the frozen base is never registered)
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor | None = None):
+        """The base's hidden states, every head's states, and the heads' own output layers (if any)."""
+        heads = self.heads
+        if hidden is None:
+            hidden = heads.backbone.hidden(ids, attention_mask=attention_mask).last_hidden_state
+        states = heads.teacher_forced_states(hidden, conditioning(heads, ids))
+        output_layers = [w.view_as(w) for w in heads.lm_heads] if heads.config.own_lm_head else []
+        return hidden, states, output_layers
+
+
+def _unwrap(model: nn.Module) -> TrainedModel:
+    return model.module if hasattr(model, "module") else model  # DDP keeps the module it wraps in .module
+
+
+def backward_heads(model: nn.Module, batch: Batch, weights: list[float], loss_type: str, accelerator, scale: float,
+                   lora: bool, vocab: TrainVocab | None = None, feature_weight: float = 0.0,
+                   total_rows: list[int] | None = None) -> list[float | None]:
+    """Forward, loss and backward of one micro-batch; each head's mean loss, None where it had no target.
+
+    ``model`` is a ``TrainedModel``, prepared by accelerate or not. Each output's loss is a mean over
+    ``total_rows`` target rows: those of this micro-batch in every process (None: this process's own), so that
+    N processes with batch B step exactly as one process with batch N x B.
+    With LoRA, entry 0 is the base's own next-token loss (Medusa-2 trains base and heads jointly).
+    With ``vocab`` the softmax runs over the tokens of the training data only (a sampled softmax).
+    ``feature_weight`` adds EAGLE's feature regression: head k's state at t is scored by the output layer
+    just as the base's hidden state at t + k is, so it is pulled towards that state (smooth L1, mean over
+    dimensions): a dense target beside the token one.
+    """
+    heads = _unwrap(model).heads
+    with accelerator.autocast():
+        hidden, states, output_layers = model(batch.ids, batch.attention_mask, batch.hidden)
+    outputs = ([(0, hidden, 1.0)] if lora else []) + [
+        (k, state, weights[k - 1] * (LORA_HEAD_SCALE if lora else 1.0)) for k, state in enumerate(states, start=1)]
+    layer_leaves = [w.detach().requires_grad_() for w in output_layers]
+    teacher_hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+    leaves, losses = [], []
+    for position, (k, state, weight) in enumerate(outputs):
+        leaf = state.detach().requires_grad_()
+        leaves.append(leaf)
+        labels_all, valid = targets.head_targets(batch.ids, k, batch.loss_mask)
+        rows, teacher_rows = head_rows(valid, k)
+        if rows.numel() == 0 or weight == 0:
+            losses.append(None if rows.numel() == 0 else 0.0)
+            continue
+        flat_state, labels = leaf.reshape(-1, leaf.shape[-1]), labels_all.reshape(-1)
+        if vocab is not None:
+            labels = vocab.position[labels]
+        own_layer = layer_leaves[k - 1] if k > 0 and layer_leaves else None
+        share = rows.numel() if total_rows is None else total_rows[position] / accelerator.num_processes
+        total = 0.0
+        for start in range(0, rows.numel(), CHUNK_ROWS):
+            chunk = rows[start: start + CHUNK_ROWS]
+            with accelerator.autocast():
+                logits = _scores(heads, k, flat_state[chunk], vocab, own_layer).float()
+            if loss_type == "distill" and k > 0:
+                with torch.no_grad(), accelerator.autocast():  # accelerate may hand the hidden states back in float32
+                    teacher = F.log_softmax(_scores(heads, 0, teacher_hidden[teacher_rows[start: start + CHUNK_ROWS]],
+                                                    vocab).float(), -1)
+                loss = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="sum")
+            else:
+                loss = F.cross_entropy(logits, labels[chunk], reduction="sum")
+            if feature_weight and k > 0:
+                loss = loss + feature_weight * F.smooth_l1_loss(
+                    flat_state[chunk].float(), teacher_hidden[teacher_rows[start: start + CHUNK_ROWS]].float(),
+                    reduction="sum") / flat_state.shape[-1]
+            total += loss.item()
+            accelerator.backward(loss * (weight * scale / share))
+        losses.append(total / rows.numel())
+    # every output takes part, with a zero gradient where it had no target: DDP expects each parameter once
+    pairs = [(s, leaf) for (_, s, _), leaf in zip(outputs, leaves) if s.requires_grad]
+    pairs += list(zip(output_layers, layer_leaves))
+    if pairs:
+        torch.autograd.backward([s for s, _ in pairs],
+                                [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for _, leaf in pairs])
+    return losses
