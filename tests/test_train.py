@@ -143,6 +143,10 @@ def test_finetune_writes_the_heads_dir_contract(tiny_model_dirs, tmp_path, text_
     training = config.training
     assert (training["steps"], training["loss"], training["lr"], training["data"]) == (6, "distill", 1e-2, [str(text_data)])
     assert training["weights"] == pytest.approx([0.8, 0.64, 0.512]) and training["wall_seconds"] > 0
+    assert 0 < training["train_tokens"] < sum(len(line) for line in CORPUS * 2)  # tokens, fewer than characters
+    assert training["sources"] == [{"source": str(text_data), "records": len(text_data.read_text().splitlines()),
+                                    "shapes": {"text": len(text_data.read_text().splitlines())}}]
+    assert training["draft_vocab"] > 0 and set(training["responses"]) >= {"responses", "empty", "looping"}
     assert result.peak_step_rss_mb > 0
     for name in (WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, "training.png", "README.md"):
         assert (heads_dir / name).is_file(), name
@@ -370,3 +374,13 @@ def test_finetune_honours_and_records_trust_remote_code(tiny_model_dirs, tmp_pat
     assert asked == [False, True] and HeadsConfig.read(heads_dir).trust_remote_code is True
     assert runner.invoke(app, args).exit_code == 0  # now the config says so, without the flag
     assert asked == [False, True, True] and HeadsConfig.read(heads_dir).trust_remote_code is True
+
+
+def test_train_tokens_count_response_targets_and_degenerate_responses_are_found():
+    from mtpkit.data import TokenizedExample
+
+    examples = [TokenizedExample([1, 2, 3, 4, 5], loss_start=3), TokenizedExample([7, 8, 9], loss_start=0),
+                TokenizedExample([1, 2] + [6] * 40, loss_start=2), TokenizedExample([1, 2, 3, 0], loss_start=3)]
+    assert recipe.train_tokens(examples) == 2 + 2 + 40 + 1
+    quality = recipe.response_quality(examples, {0})
+    assert (quality.responses, quality.empty, quality.looping) == (4, 1, 1)

@@ -29,9 +29,10 @@ from mtpkit.backbone import Backbone, cache_root, load_backbone
 from mtpkit.checkpoint import atomic_write_text, check_compatible, load_heads, save_heads
 from mtpkit.config import CARD_NAME, CHECKPOINT_DIR, LORA_DIR, METRICS_NAME, HeadsConfig
 from mtpkit.data import Dataset, TokenizedExample, data_fingerprint, load_data, tokenize_all
-from mtpkit.distill import DistillStats, distill
+from mtpkit.distill import DistillStats, distill, eos_ids
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads
+from mtpkit.quality import Degeneracy, degeneracy
 from mtpkit.train.batches import Batch, TrainVocab, collate, draft_vocab, epoch_order, shard, target_rows
 from mtpkit.train.card import PLOT_NAME, model_card, plot_history
 from mtpkit.train.checkpoints import CHECKPOINT_FILE, checkpoint_step, load_checkpoint, save_checkpoint
@@ -258,6 +259,9 @@ def _setup_data(backbone: Backbone, options: FinetuneOptions, accelerator, callb
     if not train_examples:
         raise MtpkitError(f"no training sequences left after tokenizing (is --max-length {options.max_length} "
                           "shorter than the prompts?)")
+    quality = response_quality(train_examples, eos_ids(backbone))
+    if quality.warning() and accelerator.is_main_process:
+        callbacks.say(f"warning: {quality.warning()}")
     train_shard = shard(len(train_examples), options.batch_size, world, rank, options.seed)
     eval_shard = list(range(rank, len(eval_examples), world))
 
@@ -275,6 +279,16 @@ def _setup_data(backbone: Backbone, options: FinetuneOptions, accelerator, callb
         vocab = TrainVocab.of(train_examples, backbone.vocab_size, accelerator.device)
     return _Data(dataset, train_examples, eval_examples, train_shard, eval_shard, train_store, eval_store, vocab,
                  self_distill, distill_stats)
+
+
+def train_tokens(examples: list[TokenizedExample]) -> int:
+    """Target tokens trained on: the responses (all of a plain text but its first token)."""
+    return sum(len(e.ids) - max(e.loss_start, 1) for e in examples)
+
+
+def response_quality(examples: list[TokenizedExample], stop_ids: set[int]) -> Degeneracy:
+    """Empty and looping responses among the training sequences (plain texts count as responses)."""
+    return degeneracy([e.ids[e.loss_start:] for e in examples], stop_ids)
 
 
 def _setup_optimizer(heads: DraftHeads, peft_model, options: FinetuneOptions, accelerator, sequences: int):
@@ -498,6 +512,10 @@ def save(run: Run, wall_seconds: float) -> list[Path]:
     config.training = {
         "data": options.data, "data_shapes": run.dataset.shapes,
         "train_sequences": len(run.train_examples), "eval_sequences": len(run.eval_examples),
+        "train_tokens": train_tokens(run.train_examples),
+        "sources": [{"source": r.source, "records": r.records, "shapes": r.shapes, **({"detail": r.detail} if r.detail else {})}
+                    for r in run.dataset.sources],
+        "responses": response_quality(run.train_examples, eos_ids(run.heads.backbone)).as_dict(),
         "self_distill": run.self_distill,
         "distill_max_new_tokens": options.distill_max_new_tokens if run.self_distill else None,
         "steps": run.step, "epochs": round(run.step / run.steps_per_epoch, 3), "lr": options.lr,
