@@ -32,7 +32,10 @@ from mtpkit.heads import DraftHeads
 from mtpkit.kernels import kernel_choices, synchronize
 from mtpkit.prompts import load_builtin
 
-METHODS = ("hf-greedy", "greedy", "hf-pld", "mtp-chain", "mtp-tree")
+METHODS = ("hf-greedy", "greedy", "hf-pld", "pld", "suffix", "mtp-chain", "mtp-tree", "mtp-hybrid")
+DEFAULT_METHODS = ("hf-greedy", "greedy", "hf-pld", "mtp-chain", "mtp-tree", "mtp-hybrid")
+# mtpkit's drafters on mtpkit's loop: the method -> ``--draft`` sources (``mtpkit.drafting.sources.DRAFTS``)
+DRAFTED = {"pld": "lookup", "suffix": "suffix", "mtp-hybrid": "hybrid"}
 BASELINE = "hf-greedy"  # transformers' own greedy decoding: what a user runs without mtpkit
 CONTROL = "greedy"  # mtpkit's greedy loop on mtpkit's kernels: speculation_gain is measured against it
 REQUIRED = (BASELINE, CONTROL)  # every report carries both, so a speed-up always splits into kernels x speculation
@@ -50,7 +53,7 @@ class BenchSettings:
     prompts: str = "builtin"
     limit: int | None = None
     max_new_tokens: int = 128
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     tree: str = "auto"
     chat: bool = True
     threads: int | None = None
@@ -82,6 +85,7 @@ class MethodRun:
     seconds: float
     forward_passes: int
     accepted_lengths: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0  # of ``seconds``, spent drafting and choosing the tree (mtpkit's methods)
 
     @property
     def tokens_per_second(self) -> float:
@@ -198,23 +202,45 @@ class ForwardCounter:
 class Runner:
     """Runs one method on one prompt; mtpkit's methods on fast kernels, transformers' on stock ones."""
 
-    def __init__(self, heads: DraftHeads, settings: BenchSettings):
+    def __init__(self, heads: DraftHeads, settings: BenchSettings, heads_dir: Path | None = None):
+        from mtpkit.drafting.sources import build_decoder
+
         self.heads, self.settings = heads, settings
         self.backbone = heads.backbone
         self.decoders: dict[str, SpeculativeDecoder] = {}
-        self.kernels("mtp-tree")  # the auto tree is calibrated on the kernels it will run on
+        self.kernels("mtp-tree")  # the auto tree and the forward costs are measured on the kernels they run on
         if "mtp-chain" in settings.methods:
-            self.decoders["mtp-chain"] = SpeculativeDecoder(heads, tree="chain")
+            self.decoders["mtp-chain"] = build_decoder(heads, heads_dir, "heads", tree="chain")
         if "mtp-tree" in settings.methods:
-            self.decoders["mtp-tree"] = SpeculativeDecoder(heads, tree=settings.tree)
+            self.decoders["mtp-tree"] = build_decoder(heads, heads_dir, "heads", tree=settings.tree)
+        for method, draft in DRAFTED.items():
+            if method in settings.methods:
+                self.decoders[method] = build_decoder(heads, heads_dir, draft, tree=settings.tree)
         tokenizer, model = self.backbone.tokenizer, self.backbone.model
         eos = model.generation_config.eos_token_id
         self.eos_ids = sorted({*([eos] if isinstance(eos, int) else (eos or [])), *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
 
+    def forget_outputs(self) -> None:
+        """Drop what the suffix drafters learnt from the warm-up's outputs: a timed run must not draft from an
+        earlier run of its own prompt."""
+        from mtpkit.drafting.suffix import SuffixDrafter, SuffixIndex
+
+        for decoder in self.decoders.values():
+            for drafter in decoder.drafters or ():
+                if isinstance(drafter, SuffixDrafter) and drafter.learn:
+                    drafter.index = SuffixIndex(drafter.index.min_match, drafter.index.max_match)
+
     def predicted_tokens(self) -> dict[str, float | None]:
-        """Mean accepted tokens each mtp method should reach, from the heads' held-out accuracies."""
-        return {method: decoder.expected_tokens_per_step() for method, decoder in self.decoders.items()}
+        """Mean accepted tokens each heads-only method should reach, from the heads' held-out accuracies (None for
+        trees chosen per step, and for untrained heads)."""
+        from mtpkit.calibrate import recorded_topk_accuracy
+        from mtpkit.tree import expected_tokens
+
+        accuracy = recorded_topk_accuracy(self.heads.config)
+        return {method: None if accuracy is None or decoder.tree is None else expected_tokens(decoder.tree.choices,
+                                                                                             accuracy)
+                for method, decoder in self.decoders.items()}
 
     def kernels(self, method: str) -> None:
         from mtpkit import kernels
@@ -253,7 +279,7 @@ class Runner:
 
 def _from_result(result: GenerationResult) -> MethodRun:
     return MethodRun(list(result.tokens), result.prefill_seconds + result.decode_seconds,
-                     result.forward_passes, list(result.accepted_lengths))
+                     result.forward_passes, list(result.accepted_lengths), result.draft_seconds)
 
 
 def _cut_after_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
@@ -311,13 +337,14 @@ def run_bench(heads_dir: Path, settings: BenchSettings, *, model: str | None = N
     heads = open_heads(heads_dir, model=model, dtype=settings.dtype, device=settings.device,
                        trust_remote_code=settings.trust_remote_code)
     tokenizer = heads.backbone.tokenizer
-    runner = Runner(heads, settings)
+    runner = Runner(heads, settings, heads_dir)
     encoded = [encode_prompt(tokenizer, p.text, settings.chat).to(heads.backbone.device) for p in prompts]
 
     if progress:
         progress("warm-up", 0, len(prompts))
     for method in settings.methods:  # warm-up: kernels, caches, calibration of the auto tree
         runner.run(method, encoded[0], min(16, settings.max_new_tokens))
+    runner.forget_outputs()
 
     runs: dict[str, list[MethodRun]] = {m: [] for m in settings.methods}
     peaks = {m: 0.0 for m in settings.methods}
@@ -331,13 +358,17 @@ def run_bench(heads_dir: Path, settings: BenchSettings, *, model: str | None = N
     runner.kernels(CONTROL)
     layouts = kernel_choices(heads.backbone.model)  # what mtpkit's methods ran on, by layer shape
     runner.kernels(BASELINE)  # leave the model on stock kernels
+    from mtpkit.drafting.sources import corpus_path
+
+    corpus = corpus_path(heads_dir, heads.config) if any(m in DRAFTED for m in settings.methods) else None
     return build_report(prompts, runs, peaks, settings, heads, threads, heads_dir, runner.predicted_tokens(),
-                        layouts)
+                        layouts, corpus)
 
 
 def build_report(prompts: list[BenchPrompt], runs: dict[str, list[MethodRun]], peaks: dict[str, float],
                  settings: BenchSettings, heads: DraftHeads, threads: int, heads_dir: Path,
-                 predicted: dict[str, float | None], layouts: dict[str, str] | None = None) -> dict:
+                 predicted: dict[str, float | None], layouts: dict[str, str] | None = None,
+                 corpus: Path | None = None) -> dict:
     baseline, own_greedy = runs[BASELINE], runs.get(CONTROL)
     per_prompt = []
     for i, prompt in enumerate(prompts):
@@ -351,6 +382,7 @@ def build_report(prompts: list[BenchPrompt], runs: dict[str, list[MethodRun]], p
                                      else _ratio(run.tokens_per_second, own_greedy[i].tokens_per_second)),
                 "mean_accepted_tokens": run.mean_accepted_tokens, "forward_passes": run.forward_passes,
                 "accepted_lengths": run.accepted_lengths,
+                "draft_seconds_per_step": run.draft_seconds / max(1, run.forward_passes - 1),
                 "identical_to_hf_greedy": run.tokens == baseline[i].tokens,
                 "identical_to_greedy": None if own_greedy is None else run.tokens == own_greedy[i].tokens,
             }
@@ -377,7 +409,7 @@ def build_report(prompts: list[BenchPrompt], runs: dict[str, list[MethodRun]], p
                   "prompts": settings.prompts, "num_prompts": len(prompts),
                   "max_new_tokens": settings.max_new_tokens, "methods": list(runs), "tree": settings.tree,
                   "chat": settings.chat, "fast_kernels": settings.fast_kernels, "batch_size": 1,
-                  "kernel_layouts": layouts or {},
+                  "kernel_layouts": layouts or {}, "suffix_corpus": None if corpus is None else str(corpus),
                   "dtype": str(heads.backbone.dtype).removeprefix("torch."), "device": str(heads.backbone.device)},
     }
 
@@ -402,6 +434,9 @@ def summarize(rows: list[dict], peak_mb: float | None = None) -> dict:
                                      else sum(r["identical_to_greedy"] for r in rows) / len(rows)),
         "prompts": len(rows),
     }
+    draft = [r["draft_seconds_per_step"] for r in rows if r.get("draft_seconds_per_step") is not None]
+    if draft:
+        summary["draft_seconds_per_step"] = statistics.median(draft)
     if peak_mb is not None:
         summary["peak_memory_mb"] = peak_mb
     return summary

@@ -17,6 +17,7 @@ LORA_DIR = "lora"
 CARD_NAME = "README.md"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
+CORPUS_NAME = "corpus.parquet"  # the base's own responses, drafted from by the suffix drafter
 
 STYLES = ("medusa", "sequential", "eagle")
 DEFAULT_MODEL = "smollm2-135m"
@@ -37,6 +38,7 @@ class HeadsConfig:
     own_lm_head: bool = False
     lora: bool = False
     trust_remote_code: bool = False  # the base needs its own code from the hub; every command honours it
+    corpus: str = ""  # a corpus of the base's responses (relative: to the heads dir), if none is inside it
     mtpkit_version: str = __version__
     training: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)

@@ -13,6 +13,10 @@ own next token, already emitted) and the base's hidden state h of the token befo
    the base's own next token after it (the "bonus", next step's root), and keep only the
    path's KV entries (crop for a chain, index-select for a tree).
 
+Step 1 may instead ask several drafters (``mtpkit.drafting``: the heads, prompt lookup, a suffix index of
+earlier outputs) and verify the part of their merged candidates worth verifying, a tree chosen per step; every
+draft is a point mass, so the same acceptance stays exact (greedy) and lossless (sampling).
+
 Greedy output is the base's greedy output token for token. Batch size 1 only.
 Only the public transformers API is used: the decoder, ``DynamicCache`` and 4-D masks. Sliding-window
 layers get full cache layers (so they roll back at any length) and the window goes into the mask; caches
@@ -33,9 +37,12 @@ import torch
 
 from mtpkit.backbone import Backbone
 from mtpkit.draft_layer import append_keys
+from mtpkit.drafting.base import Candidates, Drafter
+from mtpkit.drafting.calibrator import ConfidenceCalibrator
+from mtpkit.drafting.merge import best_path, cut_depth, merge_candidates, select_tree
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads
-from mtpkit.tree import Tree, build_tree, chain_choices, expected_tokens, load_tree_file
+from mtpkit.tree import Tree, build_tree, chain_choices, load_tree_file
 
 TYPICAL_THRESHOLD = 0.09  # Medusa's posterior_threshold (epsilon)
 TYPICAL_ALPHA = 0.3  # Medusa's posterior_alpha (delta)
@@ -50,6 +57,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     stop_reason: str  # "eos" | "stop_string" | "max_new_tokens"
+    draft_seconds: float = 0.0  # of decode_seconds, the time spent drafting (and choosing the tree)
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -147,10 +155,12 @@ class _Output:
         tail = self.tokenizer.decode(self.tokens[-self.window:], skip_special_tokens=True)
         return any(s in tail for s in self.stop_strings)
 
-    def result(self, forward_passes: int, accepted: list[int], prefill: float, decode: float) -> GenerationResult:
+    def result(self, forward_passes: int, accepted: list[int], prefill: float, decode: float,
+               draft: float = 0.0) -> GenerationResult:
         return GenerationResult(tokens=self.tokens, text=self.tokenizer.decode(self.tokens, skip_special_tokens=True),
                                 forward_passes=forward_passes, accepted_lengths=accepted, prefill_seconds=prefill,
-                                decode_seconds=decode, stop_reason=self.stop_reason or "max_new_tokens")
+                                decode_seconds=decode, stop_reason=self.stop_reason or "max_new_tokens",
+                                draft_seconds=draft)
 
 
 class TextStream:
@@ -335,9 +345,12 @@ def _probe_tree(backbone: Backbone, windows: dict[str, int | None]) -> str | Non
 
 
 class _Plan:
-    """Device buffers of one tree, built once: what drafting and verification index with."""
+    """Device buffers of one tree: what drafting and verification index with. Built once for a static tree of the
+    heads; per step, for a tree chosen from several drafters' candidates (``sequential=None``: no head drafts into
+    it, and ``masks`` is the generate call's one preallocated mask buffer)."""
 
-    def __init__(self, tree: Tree, device: torch.device, sequential: bool, windows: dict[str, int | None]):
+    def __init__(self, tree: Tree, device: torch.device, sequential: bool | None, windows: dict[str, int | None],
+                 masks: "_TreeMasks | None" = None):
         self.tree = tree
         self.windows = windows
         self.num_nodes = n = tree.num_nodes
@@ -346,13 +359,16 @@ class _Plan:
         depths = tree.depths.tolist()
         parents = tree.parents.tolist()
         ranks = tree.ranks.tolist()
-        has_child = set(parents[1:])
+        self.depths = depths
+        self.children: list[list[int]] = [[] for _ in range(n)]  # in rank order
+        for child in range(1, n):
+            self.children[parents[child]].append(child)
         # per depth d: the parents that expand (nodes of depth d-1 with children), the slot of
         # each one's own parent among depth d-1's expanding nodes, and where each child's token lies
         self.depth_plans = []
         previous: list[int] = [0]
-        for d in range(1, self.max_depth + 1):
-            expanding = [i for i in range(n) if depths[i] == d - 1 and i in has_child] if sequential else [0]
+        for d in range(1, self.max_depth + 1 if sequential is not None else 1):
+            expanding = [i for i in range(n) if depths[i] == d - 1 and self.children[i]] if sequential else [0]
             children = [i for i in range(n) if depths[i] == d]
             slot = {node: s for s, node in enumerate(expanding)}
             top_k = tree.top_k(d)
@@ -364,7 +380,6 @@ class _Plan:
                 parent_slots=None if parent_slots is None else torch.tensor(parent_slots, device=device),
                 flat=torch.tensor(flat, device=device)))
             previous = expanding
-        self.children = [[c for c in range(n) if parents[c] == i] for i in range(n)]  # in rank order
         self.parents = tree.parents.to(device)
         self.offsets = tree.position_offsets.to(device)
         self.ancestor_mask = tree.ancestor_mask.to(device)
@@ -372,6 +387,7 @@ class _Plan:
         self.retrieve = self.retrieve_raw.clamp(min=0)
         self.retrieve_valid = self.retrieve_raw[:, 1:] >= 0
         self.tokens = torch.zeros(n, dtype=torch.long, device=device)
+        self._shared_masks = masks
         self._masks: "torch.Tensor | dict[str, torch.Tensor] | None" = None
         self._mask_capacity, self._mask_dtype = 0, None
 
@@ -381,6 +397,8 @@ class _Plan:
         window looks back from each node, so it lines up too)."""
         if self.is_chain:
             return None  # the model's own causal (and sliding-window) masks are right for a chain
+        if self._shared_masks is not None:
+            return self._shared_masks.fill(self.ancestor_mask, self.offsets, self.depths, prefix_length)
         if self._masks is None or capacity > self._mask_capacity or self._mask_dtype != dtype:
             self._mask_capacity, self._mask_dtype = capacity, dtype
             self._masks = verify_mask(self.windows, self.ancestor_mask, self.offsets, capacity, dtype)
@@ -390,8 +408,46 @@ class _Plan:
         return self._masks[..., start:]
 
 
+class _TreeMasks:
+    """One verification mask buffer per attention layer type, for every per-step tree of a generate call (at most
+    ``max_nodes`` nodes after at most ``capacity`` cached tokens). A step rewrites only its tree's rows, in place:
+    ``fill`` gives what ``verify_mask`` gives, as views of the buffer."""
+
+    def __init__(self, windows: dict[str, int | None], max_nodes: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.windows, self.max_nodes, self.capacity, self.dtype = windows, max_nodes, capacity, dtype
+        self.blocked = torch.finfo(dtype).min
+        # columns: [cache positions, right-aligned to ``capacity``][tree nodes]; cache columns start visible
+        self.buffers = {kind: torch.zeros(1, 1, max_nodes, capacity + max_nodes, dtype=dtype, device=device)
+                        for kind in windows}
+
+    def fits(self, max_nodes: int, capacity: int, dtype: torch.dtype) -> bool:
+        return max_nodes <= self.max_nodes and capacity <= self.capacity and dtype == self.dtype
+
+    def fill(self, ancestor_mask: torch.Tensor, depths: torch.Tensor, depth_list: list[int], prefix_length: int):
+        n, capacity = ancestor_mask.shape[0], self.capacity
+        start, stop = capacity - prefix_length, capacity + n
+        views = {}
+        for kind, window in self.windows.items():
+            rows = self.buffers[kind][0, 0, :n]
+            block = rows[:, capacity:stop]
+            block.zero_()
+            block.masked_fill_(~ancestor_mask, self.blocked)
+            if window is not None:
+                # cache column c holds position c - start; node i sits at prefix + depth i: it sees c while
+                # the gap is below the window, i.e. c > capacity + depth - window, whatever the prefix
+                rows[:, :capacity].zero_()
+                for node, depth in enumerate(depth_list):
+                    rows[node, :max(0, capacity + depth - window + 1)].fill_(self.blocked)
+                if max(depth_list) >= window:
+                    block.masked_fill_(depths[:, None] - depths[None, :] >= window, self.blocked)
+            views[kind] = self.buffers[kind][..., :n, start:stop]
+        return next(iter(views.values())) if len(views) == 1 else views
+
+
 def resolve_tree(tree, heads: DraftHeads) -> Tree:
-    """A ``Tree`` from "chain", "auto", a JSON file of choices, a list of choices, or a Tree."""
+    """A ``Tree`` from "chain", a JSON file of choices, a list of choices, or a Tree. The "auto" tree is the
+    calibration's choices (``mtpkit.drafting.sources.build_decoder`` resolves it): decoding measures nothing."""
     if isinstance(tree, Tree):
         resolved = tree
     elif isinstance(tree, (str, Path)):
@@ -399,9 +455,8 @@ def resolve_tree(tree, heads: DraftHeads) -> Tree:
         if name == "chain":
             resolved = build_tree(chain_choices(heads.num_heads))
         elif name == "auto":
-            from mtpkit.calibrate import auto_tree
-
-            resolved = build_tree(auto_tree(heads))
+            raise MtpkitError("the auto tree comes from calibration: pass its choices "
+                              "(mtpkit.calibrate.auto_tree, or mtpkit.drafting.sources.build_decoder)")
         else:
             resolved = build_tree(load_tree_file(Path(name)))
     else:
@@ -409,6 +464,16 @@ def resolve_tree(tree, heads: DraftHeads) -> Tree:
     if resolved.max_depth > heads.num_heads:
         raise MtpkitError(f"the tree is {resolved.max_depth} deep but the heads directory has only "
                           f"{heads.num_heads} heads")
+    return resolved
+
+
+def verifiable_tree(tree, heads: DraftHeads) -> Tree:
+    """``resolve_tree``, then a chain of the same depth where the model cannot verify a tree (with a warning)."""
+    resolved = resolve_tree(tree, heads)
+    problem = None if resolved.is_chain else tree_attention_problem(heads.backbone)
+    if problem:
+        _warn_once(f"{heads.backbone.architecture} cannot verify a tree ({problem}): falling back to chain drafts")
+        resolved = build_tree(chain_choices(min(resolved.max_depth, heads.num_heads)))
     return resolved
 
 
@@ -424,11 +489,137 @@ def check_sampling(temperature: float, top_p: float, top_k: int, typical: bool) 
         raise MtpkitError("--typical needs --temperature > 0 (greedy decoding is already exact)")
 
 
-class SpeculativeDecoder:
-    """Greedy (exact), sampling (lossless) or typical (lossy) self-speculative decoding, batch size 1."""
+# --------------------------------------------------------------------------- the heads as a drafter
 
-    def __init__(self, heads: DraftHeads, tree: "str | list[list[int]] | Tree" = "auto", *, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, typical: bool = False, seed: int | None = None):
+
+class HeadsDrafter:
+    """The draft heads behind the ``Drafter`` interface: their static tree (chain, auto or given choices), drafted
+    depth by depth (eagle with its draft cache), each node's confidence the drafting head's softmax probability.
+
+    Unlike the other drafters the heads read the base's hidden states: the decoder hands them over each step
+    (``condition``) before it asks for drafts.
+    """
+
+    name = "heads"
+
+    def __init__(self, heads: DraftHeads, tree: "str | list[list[int]] | Tree" = "chain"):
+        self.heads = heads
+        self.tree = verifiable_tree(tree, heads)
+        self.plan = _Plan(self.tree, heads.backbone.device, heads.is_sequential, attention_windows(heads.backbone))
+        self._draft_cache = None
+        self._hidden: torch.Tensor | None = None
+        self._root_state: torch.Tensor | None = None
+
+    @property
+    def reads_every_position(self) -> bool:
+        """Eagle heads attend over the draft cache: they need the hidden state of every committed position."""
+        return self._draft_cache is not None
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        self._draft_cache = self.heads.new_draft_cache()
+        self._hidden = self._root_state = None
+
+    def condition(self, hidden: torch.Tensor, next_tokens: list[int]) -> None:
+        """The base's hidden states of the positions committed last, and the token after each (the last: the root)."""
+        if self._draft_cache is not None:
+            self._root_state = self.heads.commit(self._draft_cache, hidden,
+                                                 torch.tensor(next_tokens, device=hidden.device))
+        else:
+            self._hidden = hidden[-1:]
+
+    def draft(self, plan: _Plan, tokens: torch.Tensor, tracing: bool) -> list[float] | None:
+        """Fill ``tokens[1:]`` (``tokens[0]`` is the root) with the heads' drafts along ``plan``; return their
+        confidences when ``tracing``."""
+        if self._draft_cache is not None:
+            return draft_with_eagle(self.heads, plan, self._draft_cache, self._root_state, tokens, tracing)
+        return draft_with_heads(self.heads, plan, self._hidden, tokens, tracing)
+
+    def propose(self, context_ids: Sequence[int], budget: int) -> Candidates:
+        plan = self.plan
+        size = max(0, min(budget, plan.num_nodes - 1))
+        if size == 0:
+            return Candidates()
+        tokens = plan.tokens
+        tokens[0] = int(context_ids[-1])
+        confidences = self.draft(plan, tokens, tracing=True)
+        # the tree's nodes come depth by depth: its first ``size`` drafts hold every one's parent
+        parents = [p - 1 for p in plan.tree.parents[1:size + 1].tolist()]
+        return Candidates(tuple(tokens[1:size + 1].tolist()), tuple(parents),
+                          tuple(min(1.0, max(0.0, c)) for c in confidences[:size]), (self.name,) * size)
+
+    def update(self, accepted_ids: Sequence[int]) -> None:
+        pass  # the heads learn what was committed from ``condition``
+
+
+def draft_with_heads(heads: DraftHeads, plan: _Plan, hidden: torch.Tensor, tokens: torch.Tensor,
+                     tracing: bool) -> list[float] | None:
+    """Fill ``tokens[1:]`` with Medusa or sequential heads' drafts (depth by depth) from the root's hidden state."""
+    if not heads.is_sequential and not heads.config.own_lm_head and plan.max_depth:
+        # Medusa heads all read h and share the base's output layer: score them in one product
+        shared, columns = heads.draft_logits(1, torch.cat([heads.state(dp["depth"], hidden) for dp in plan.depth_plans]))
+    else:
+        shared = None
+    confidences = [] if tracing else None
+    states = None
+    for dp in plan.depth_plans:
+        d = dp["depth"]
+        if shared is not None:
+            logits = shared[d - 1:d]
+        else:
+            if heads.is_sequential:
+                parents = dp["expanding"]
+                prev = None if states is None else states.index_select(0, dp["parent_slots"])
+                states = heads.state(d, hidden.expand(parents.shape[0], -1), prev, tokens.index_select(0, parents))
+            else:
+                states = heads.state(d, hidden)
+            logits, columns = heads.draft_logits(d, states)
+        _place_drafts(dp, logits, columns, tokens, confidences)
+    return confidences
+
+
+def draft_with_eagle(heads: DraftHeads, plan: _Plan, draft_cache, root_state: torch.Tensor, tokens: torch.Tensor,
+                     tracing: bool) -> list[float] | None:
+    """Eagle drafting: the draft model runs once per depth over that depth's expanding nodes; each node
+    attends to the draft cache and to its own ancestors drafted before it (the tree's ancestor mask)."""
+    confidences = [] if tracing else None
+    anchor = draft_cache.length - 1  # the root's own position in the draft cache
+    states, drafted, drafted_ids = root_state, None, None
+    for dp in plan.depth_plans:
+        d = dp["depth"]
+        if d > 1:
+            parents = dp["expanding"]
+            visible = None if drafted_ids is None else \
+                plan.ancestor_mask.index_select(0, parents).index_select(1, drafted_ids)
+            states, own = heads.draft_step(draft_cache, states.index_select(0, dp["parent_slots"]),
+                                           tokens.index_select(0, parents), anchor + d - 1, drafted, visible)
+            drafted = append_keys(drafted, own)
+            drafted_ids = parents if drafted_ids is None else torch.cat([drafted_ids, parents])
+        _place_drafts(dp, *heads.draft_logits(d, states), tokens, confidences)
+    return confidences
+
+
+# --------------------------------------------------------------------------- the speculative decoder
+
+
+MAX_DYNAMIC_NODES = 32  # nodes (root included) of a tree chosen per step from several drafters
+DRAFT_COST_SMOOTHING = 0.2  # weight of the newest step in the running draft-time estimate
+
+
+class SpeculativeDecoder:
+    """Greedy (exact), sampling (lossless) or typical (lossy) self-speculative decoding, batch size 1.
+
+    With ``drafters`` (any ``mtpkit.drafting.base.Drafter``, the heads included as a ``HeadsDrafter``) each step
+    merges their candidates into one trie (``merge_candidates``, confidences through ``calibrator``), selects
+    the tree worth verifying under ``cost`` ({tokens in a base forward: seconds}) and the measured drafting time
+    (``select_tree``), and verifies, accepts and keeps its path with the same code as the heads' static tree.
+    Without ``drafters`` the heads draft ``tree`` alone.
+    """
+
+    def __init__(self, heads: DraftHeads, tree: "str | list[list[int]] | Tree" = "chain", *, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, typical: bool = False, seed: int | None = None,
+                 drafters: "Sequence[Drafter] | None" = None, cost: dict[int, float] | None = None,
+                 draft_cost: float = 0.0, max_nodes: int = MAX_DYNAMIC_NODES,
+                 calibrator: ConfidenceCalibrator | None = None):
         check_sampling(temperature, top_p, top_k, typical)
         self.heads = heads
         self.backbone: Backbone = heads.backbone
@@ -439,25 +630,39 @@ class SpeculativeDecoder:
         if problem:
             raise MtpkitError(f"{architecture} cannot decode speculatively: {problem} (rejected drafts would "
                               "leave a trace)")
-        resolved = resolve_tree(tree, heads)
-        problem = None if resolved.is_chain else tree_attention_problem(self.backbone)
-        if problem:
-            _warn_once(f"{architecture} cannot verify a tree ({problem}): falling back to chain drafts")
-            resolved = build_tree(chain_choices(min(resolved.max_depth, heads.num_heads)))
-        self.tree = resolved
-        device, windows = self.backbone.device, attention_windows(self.backbone)
-        self._plan = _Plan(resolved, device, heads.is_sequential, windows)
-        self._root_plan = _Plan(build_tree([]), device, heads.is_sequential, windows)  # near the end of the context
+        device, self.windows = self.backbone.device, attention_windows(self.backbone)
+        self.drafters = list(drafters) if drafters is not None else None
+        if self.drafters is None:
+            self.heads_drafter: HeadsDrafter | None = HeadsDrafter(heads, tree)
+            self.tree = self.heads_drafter.tree
+            self._plan = self.heads_drafter.plan
+        else:
+            if not self.drafters:
+                raise MtpkitError("hybrid drafting needs at least one drafter")
+            if not cost:
+                raise MtpkitError("hybrid drafting needs a cost table {tokens in a base forward: seconds}")
+            if max_nodes < 1:
+                raise MtpkitError(f"a tree has at least its root (max_nodes={max_nodes})")
+            problem = tree_attention_problem(self.backbone)
+            if problem:
+                _warn_once(f"{architecture} cannot verify a tree ({problem}): verifying the most confident chain "
+                           "of the drafts")
+            self.chains_only = problem is not None
+            self.heads_drafter = next((d for d in self.drafters if isinstance(d, HeadsDrafter)), None)
+            self.tree = None  # chosen per step
+            self.cost, self.max_nodes = dict(cost), max_nodes
+            self.calibrator = calibrator if calibrator is not None else ConfidenceCalibrator()
+            self.draft_cost = draft_cost  # a running estimate, replaced by what drafting measures
+            self._masks: _TreeMasks | None = None
+        self._root_plan = _Plan(build_tree([]), device, heads.is_sequential, self.windows)  # near the context's end
         self._rng = random.Random(seed)
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed if seed is not None else random.randrange(2**63))
 
-    def expected_tokens_per_step(self) -> float | None:
-        """Tokens per step this tree should yield by the heads' recorded held-out accuracies (None if untrained)."""
-        from mtpkit.calibrate import recorded_topk_accuracy
-
-        accuracy = recorded_topk_accuracy(self.heads.config)
-        return None if accuracy is None else expected_tokens(self.tree.choices, accuracy)
+    def describe(self) -> str:
+        if self.drafters is None:
+            return self.tree.describe()
+        return f"dynamic tree of up to {self.max_nodes} nodes from {', '.join(_source_names(self.drafters))}"
 
     # -------------------------------------------------------------- generation loop
 
@@ -472,52 +677,97 @@ class SpeculativeDecoder:
         output = _Output(backbone, budget, stop_strings, on_tokens)
         start = time.perf_counter()
         cache = decoder_cache(backbone)
-        draft_cache = self.heads.new_draft_cache()
+        prompt = ids[0].tolist()
+        drafters = self.drafters if self.drafters is not None else [self.heads_drafter]
+        for drafter in drafters:
+            drafter.start(prompt)
+        heads_drafter = self.heads_drafter
         # the base's hidden states of the newly committed positions; the last one's next token is the root
         hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[0]
-        if draft_cache is None:
-            hidden = hidden[-1:]
         root = self._next_token(backbone.logits(hidden[-1:])[0])
-        next_tokens = ids[0, 1:].tolist() + [root]  # the token after each row of ``hidden``
-        forward_passes, accepted_lengths = 1, []
+        next_tokens = prompt[1:] + [root]  # the token after each row of ``hidden``
+        forward_passes, accepted_lengths, draft_seconds = 1, [], 0.0
         prefix = ids.shape[1]
         output.push([root])
+        if self.drafters is not None:
+            committed = prompt + [root]
+            for drafter in self.drafters:
+                drafter.update([root])
+            if self._masks is None or not self._masks.fits(self.max_nodes, capacity, backbone.dtype):
+                self._masks = _TreeMasks(self.windows, self.max_nodes, capacity, backbone.dtype, backbone.device)
         prefill = time.perf_counter() - start
         while output.stop_reason is None:
-            plan = self._plan
-            if context is not None and prefix + plan.max_depth >= context:
-                plan = self._root_plan
             step_start = time.perf_counter()
-            tokens, hidden, kept, info = self._step(plan, cache, draft_cache, hidden, next_tokens, prefix,
-                                                    capacity, trace is not None)
-            next_tokens = tokens
+            if heads_drafter is not None:
+                heads_drafter.condition(hidden, next_tokens)
+            info = {}
+            if self.drafters is None:
+                plan = self._plan
+                if context is not None and prefix + plan.max_depth >= context:
+                    plan = self._root_plan
+                tokens = plan.tokens
+                tokens[0] = next_tokens[-1]
+                confidences = heads_drafter.draft(plan, tokens, trace is not None)
+                if trace is not None:
+                    info["draft_confidences"] = confidences
+                draft = None
+            else:
+                plan, tokens, draft = self._draft_merged(committed, prefix, context)
+                if trace is not None and draft is not None:
+                    info.update(draft_confidences=list(draft.confidences[1:]),
+                                draft_sources=[list(s) for s in draft.sources[1:]])
+            drafted = time.perf_counter()
+            draft_seconds += drafted - step_start
+            nodes, new_tokens, rejected, verified = self._verify(plan, tokens, cache, prefix, capacity)
+            if draft is not None:
+                self.calibrator.observe(draft, nodes)
+            if self.drafters is not None:
+                for drafter in self.drafters:
+                    drafter.update(new_tokens)
+                committed.extend(new_tokens)
+            last = nodes[-1]
+            eagle = heads_drafter is not None and heads_drafter.reads_every_position
+            hidden = verified[nodes] if eagle else verified[last:last + 1]
+            next_tokens = new_tokens
             forward_passes += 1
-            prefix += kept
-            committed = output.push(tokens)
-            accepted_lengths.append(committed)
+            prefix += len(nodes)
+            taken = output.push(new_tokens)
+            accepted_lengths.append(taken)
             if trace is not None:
-                info.update(step=forward_passes - 1, prefix_length=prefix - kept, committed=committed,
-                            seconds=time.perf_counter() - step_start)
+                info.update(draft_tokens=tokens.tolist(), draft_parents=plan.tree.parents.tolist(),
+                            accepted_nodes=nodes, accepted_length=len(new_tokens), rejected_node=rejected,
+                            step=forward_passes - 1, prefix_length=prefix - len(nodes), committed=taken,
+                            draft_seconds=drafted - step_start, seconds=time.perf_counter() - step_start)
                 trace(info)
         decode = time.perf_counter() - start - prefill
-        return output.result(forward_passes, accepted_lengths, prefill, decode)
+        return output.result(forward_passes, accepted_lengths, prefill, decode, draft_seconds)
 
     # -------------------------------------------------------------- one step
 
-    def _step(self, plan: _Plan, cache, draft_cache, hidden: torch.Tensor, next_tokens: list[int], prefix: int,
-              capacity: int, tracing: bool):
-        """Draft, verify, accept; return (new tokens, their hidden states, KV entries kept, trace info).
+    def _draft_merged(self, committed: list[int], prefix: int, context: int | None):
+        """Every drafter's candidates, merged, cut to the context's end and to the tree worth verifying: (plan,
+        tokens, DraftTree or None when the context's end leaves room for the root alone)."""
+        started = time.perf_counter()
+        proposals = [drafter.propose(committed, self.max_nodes - 1) for drafter in self.drafters]
+        trie = merge_candidates(proposals, self.calibrator)
+        room = None if context is None else context - 1 - prefix  # a node at depth d sits at position prefix + d
+        if room is not None and room < 1:
+            plan = self._root_plan
+            plan.tokens[0] = committed[-1]
+            return plan, plan.tokens, None
+        if room is not None:
+            trie = cut_depth(trie, room)
+        if self.chains_only:
+            trie = best_path(trie)
+        draft = select_tree(trie, committed[-1], self.cost, self.draft_cost, self.max_nodes)
+        plan = _Plan(draft.tree, self.backbone.device, None, self.windows, self._masks)
+        elapsed = time.perf_counter() - started
+        self.draft_cost += DRAFT_COST_SMOOTHING * (elapsed - self.draft_cost)
+        return plan, draft.tokens.to(self.backbone.device), draft
 
-        ``hidden``: the base's hidden states of the positions committed by the last step, ``next_tokens`` the
-        token after each (the last is the root); only eagle heads read more than the last row.
-        """
-        tokens = plan.tokens
-        tokens[0] = next_tokens[-1]
-        if draft_cache is not None:
-            root_state = self.heads.commit(draft_cache, hidden, torch.tensor(next_tokens, device=hidden.device))
-            confidences = self._draft_eagle(plan, draft_cache, root_state, tokens, tracing)
-        else:
-            confidences = self._draft(plan, hidden[-1:], tokens, tracing)
+    def _verify(self, plan: _Plan, tokens: torch.Tensor, cache, prefix: int, capacity: int):
+        """One base forward over the tree, acceptance, and the accepted path's KV kept: (accepted nodes, new
+        tokens, rejected node or None, the tree's hidden states)."""
         positions = (plan.offsets + prefix).unsqueeze(0)
         verified = self.backbone.hidden(tokens.unsqueeze(0), past_key_values=cache, position_ids=positions,
                                         attention_mask=plan.mask(prefix, capacity, self.backbone.dtype),
@@ -528,61 +778,11 @@ class SpeculativeDecoder:
         else:
             nodes, new_tokens, rejected = self._accept_longest(plan, tokens, logits)
         self._keep_path(cache, plan, nodes, prefix)
-        last = nodes[-1]
-        info = {}
-        if tracing:
-            info = dict(draft_tokens=tokens.tolist(), draft_parents=plan.tree.parents.tolist(),
-                        draft_confidences=confidences, accepted_nodes=nodes, accepted_length=len(new_tokens),
-                        rejected_node=rejected)
-        kept_hidden = verified[last:last + 1] if draft_cache is None else verified[nodes]
-        return new_tokens, kept_hidden, len(nodes), info
-
-    def _draft(self, plan: _Plan, hidden: torch.Tensor, tokens: torch.Tensor, tracing: bool) -> list[float] | None:
-        """Fill ``tokens[1:]`` with the heads' drafts (depth by depth); return their confidences when tracing."""
-        heads = self.heads
-        if not heads.is_sequential and not heads.config.own_lm_head and plan.max_depth:
-            # Medusa heads all read h and share the base's output layer: score them in one product
-            shared, columns = heads.draft_logits(1, torch.cat([heads.state(dp["depth"], hidden) for dp in plan.depth_plans]))
-        else:
-            shared = None
-        confidences = [] if tracing else None
-        states = None
-        for dp in plan.depth_plans:
-            d = dp["depth"]
-            if shared is not None:
-                logits = shared[d - 1:d]
-            else:
-                if heads.is_sequential:
-                    parents = dp["expanding"]
-                    prev = None if states is None else states.index_select(0, dp["parent_slots"])
-                    states = heads.state(d, hidden.expand(parents.shape[0], -1), prev,
-                                         tokens.index_select(0, parents))
-                else:
-                    states = heads.state(d, hidden)
-                logits, columns = heads.draft_logits(d, states)
-            _place_drafts(dp, logits, columns, tokens, confidences)
-        return confidences
+        return nodes, new_tokens, rejected, verified
 
     def _draft_eagle(self, plan: _Plan, draft_cache, root_state: torch.Tensor, tokens: torch.Tensor,
                      tracing: bool) -> list[float] | None:
-        """Eagle drafting: the draft model runs once per depth over that depth's expanding nodes; each node
-        attends to the draft cache and to its own ancestors drafted before it (the tree's ancestor mask)."""
-        heads = self.heads
-        confidences = [] if tracing else None
-        anchor = draft_cache.length - 1  # the root's own position in the draft cache
-        states, drafted, drafted_ids = root_state, None, None
-        for dp in plan.depth_plans:
-            d = dp["depth"]
-            if d > 1:
-                parents = dp["expanding"]
-                visible = None if drafted_ids is None else \
-                    plan.ancestor_mask.index_select(0, parents).index_select(1, drafted_ids)
-                states, own = heads.draft_step(draft_cache, states.index_select(0, dp["parent_slots"]),
-                                               tokens.index_select(0, parents), anchor + d - 1, drafted, visible)
-                drafted = append_keys(drafted, own)
-                drafted_ids = parents if drafted_ids is None else torch.cat([drafted_ids, parents])
-            _place_drafts(dp, *heads.draft_logits(d, states), tokens, confidences)
-        return confidences
+        return draft_with_eagle(self.heads, plan, draft_cache, root_state, tokens, tracing)
 
     def _accept_longest(self, plan: _Plan, tokens: torch.Tensor, logits: torch.Tensor):
         """Greedy (base argmax) or typical acceptance: the longest accepted root-to-leaf path."""
@@ -683,6 +883,10 @@ def _place_drafts(dp: dict, logits: torch.Tensor, columns: torch.Tensor | None, 
     if confidences is not None:
         probs = (top.values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
         confidences.extend(probs.reshape(-1).index_select(0, dp["flat"]).tolist())
+
+
+def _source_names(drafters) -> list[str]:
+    return list(dict.fromkeys(drafter.name for drafter in drafters))
 
 
 def rejection_walk(children: list[list[int]], child_probs: list[float], uniform: Callable[[], float]):

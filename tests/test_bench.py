@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mtpkit.bench import METHODS, BenchSettings, geometric_mean, load_bench_prompts, summarize
+from mtpkit.bench import DEFAULT_METHODS, METHODS, BenchSettings, geometric_mean, load_bench_prompts, summarize
 from mtpkit.errors import MtpkitError
 from mtpkit.prompts import CATEGORIES
 
@@ -83,7 +83,7 @@ def test_summary_speculation_gain_is_over_greedy_per_prompt():
 def test_settings_always_run_both_controls_first():
     assert BenchSettings(methods=("mtp-chain",)).methods == ("hf-greedy", "greedy", "mtp-chain")
     assert BenchSettings(methods=("mtp-tree", "greedy", "mtp-tree")).methods == ("hf-greedy", "mtp-tree", "greedy")
-    assert BenchSettings().methods == METHODS
+    assert BenchSettings().methods == DEFAULT_METHODS and set(DEFAULT_METHODS) <= set(METHODS)
 
 
 @pytest.mark.parametrize("field, value, option", [
@@ -125,15 +125,17 @@ def test_terminal_tables_fit_80_columns_and_carry_every_figure():
     assert max(len(line) for line in text.splitlines()) <= 80
     lines = text.splitlines()
     gain_row = next(line for line in lines if line.strip().startswith("vs greedy (geo)"))
-    assert gain_row.split()[3:] == ["0.94x", "1.19x", "1.44x", "1.69x", "1.94x"]
+    assert gain_row.split()[3:] == ["0.94x", "1.19x", "1.44x", "1.69x"]  # 8 methods: two tables of 4
     speed_row = next(line for line in lines if line.strip().startswith("vs hf-greedy (med)"))
-    assert speed_row.split()[3:] == ["1.00x", "1.20x", "1.40x", "1.60x", "1.80x"]
+    assert speed_row.split()[3:] == ["1.00x", "1.20x", "1.40x", "1.60x"]
+    gain_rows = [line.split()[3:] for line in lines if line.strip().startswith("vs greedy (geo)")]
+    assert gain_rows[1] == ["1.94x", "2.19x", "2.44x", "2.69x"]
     for method in METHODS:
         assert method in text
-    for value in ("12.3", "16.3", "1.54", "1.61", "100%", "1234"):
+    for value in ("12.3", "19.3", "1.54", "1.61", "100%", "1234"):
         assert value in text
     category_lines = [line.split() for line in lines if line.strip().startswith(("code", "chat"))]
-    assert ["code", "mtp-tree", "2.00x", "1.94x", "2.20", "100%"] in category_lines
+    assert ["code", "mtp-tree", "2.50x", "2.44x", "2.80", "100%"] in category_lines
     assert len(category_lines) == 2 * (len(METHODS) - 1)  # hf-greedy is 1.00x by definition: left out
 
 
@@ -144,8 +146,8 @@ def test_markdown_has_both_ratios_side_by_side():
     header = next(line for line in markdown.splitlines() if line.startswith("| method |"))
     assert "speed-up over hf-greedy (geo-mean)" in header and "speculation gain over greedy (geo-mean)" in header
     tree = next(line for line in markdown.splitlines() if line.startswith("| mtp-tree |")).split(" | ")
-    assert tree[2:6] == ["2.00x", "1.80x", "1.94x", "1.70x"]
-    assert "| code | mtp-tree | 2.00x | 1.94x | 2.20 | 100% |" in markdown
+    assert tree[2:6] == ["2.50x", "2.20x", "2.44x", "2.10x"]  # mtp-tree is the 7th of METHODS
+    assert "| code | mtp-tree | 2.50x | 2.44x | 2.80 | 100% |" in markdown
 
 
 def test_output_paths_are_checked_before_a_run(tmp_path):

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from mtpkit.cli.app import app
 
 runner = CliRunner()
-METHODS = ["hf-greedy", "greedy", "hf-pld", "mtp-chain", "mtp-tree"]
+METHODS = ["hf-greedy", "greedy", "hf-pld", "mtp-chain", "mtp-tree", "mtp-hybrid"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -87,7 +87,7 @@ def test_every_method_reproduces_greedy_output(bench_run):
     for row in report["prompts"]:
         counts = {m: row["methods"][m]["new_tokens"] for m in METHODS}
         assert len(set(counts.values())) == 1 and 0 < counts["greedy"] <= 16, counts
-        for method in ("mtp-chain", "mtp-tree"):
+        for method in ("mtp-chain", "mtp-tree", "mtp-hybrid"):
             figures = row["methods"][method]
             assert figures["forward_passes"] == len(figures["accepted_lengths"]) + 1
             assert figures["mean_accepted_tokens"] == pytest.approx(figures["new_tokens"] / figures["forward_passes"])
@@ -138,3 +138,44 @@ def test_bench_refuses_bad_input(heads_dir, tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output
     result = runner.invoke(app, ["bench", str(heads_dir), "--prompts", str(tmp_path / "none.jsonl")])
     assert result.exit_code != 0 and "none.jsonl" in result.stderr
+
+
+def test_cli_method_lists_are_bench_lists():
+    from mtpkit.bench import DEFAULT_METHODS, METHODS as ALL
+    from mtpkit.cli.bench import ALL_METHODS, DEFAULT_METHODS as CLI_DEFAULTS
+
+    assert CLI_DEFAULTS.split(",") == list(DEFAULT_METHODS) and ALL_METHODS.split(",") == list(ALL)
+    assert "mtp-hybrid" in DEFAULT_METHODS
+
+
+def test_drafter_methods_draft_from_the_heads_directory_corpus(heads_dir, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mtpkit.checkpoint import open_heads
+    from mtpkit.decoding import encode_prompt, greedy_generate
+
+    own = tmp_path / "heads"
+    shutil.copytree(heads_dir, own)
+    backbone = open_heads(own).backbone
+    prompt = "def add(a, b):"
+    said = greedy_generate(backbone, encode_prompt(backbone.tokenizer, prompt, chat=True), 16).tokens
+    pq.write_table(pa.table({"prompt_ids": [[1]], "response_ids": [said]}), own / "corpus.parquet")
+    (tmp_path / "p.txt").write_text(prompt + "\n")
+    result = runner.invoke(app, ["bench", str(own), "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "16",
+                                 "--methods", "pld,suffix,mtp-hybrid", "--threads", "1",
+                                 "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert list(report["methods"]) == ["hf-greedy", "greedy", "pld", "suffix", "mtp-hybrid"]
+    assert report["setup"]["suffix_corpus"] == str((own / "corpus.parquet").resolve()) or \
+        report["setup"]["suffix_corpus"] == str(own / "corpus.parquet")
+    for method in ("pld", "suffix", "mtp-hybrid"):
+        figures = report["methods"][method]
+        assert figures["identical_rate"] == 1.0 and figures["speculation_gain"] > 0, method
+        assert figures["draft_seconds_per_step"] > 0, method
+    # the corpus holds this very output: the suffix index drafts it whole
+    assert report["methods"]["suffix"]["mean_accepted_tokens"] > 3.0
+    assert report["methods"]["mtp-hybrid"]["mean_accepted_tokens"] > 3.0

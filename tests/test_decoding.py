@@ -464,7 +464,11 @@ def test_auto_tree_uses_training_metrics_and_caches(tiny_backbone):
     assert [0] in result.choices and all(len(c) <= 3 for c in result.choices)
     path = cache_root() / "calibration" / f"{calibration_key(heads)}.json"
     assert path.is_file()
-    decoder = SpeculativeDecoder(heads, "auto")
+    from mtpkit.drafting.sources import build_decoder
+
+    with pytest.raises(MtpkitError, match="calibration"):
+        SpeculativeDecoder(heads, "auto")  # decoding takes a ready tree: the calibration is wired above it
+    decoder = build_decoder(heads, None, "heads", "auto")
     assert [list(c) for c in decoder.tree.choices] == sorted(result.choices, key=lambda c: (len(c), c))
     ids = prompt_ids(tiny_backbone)
     assert decoder.generate(ids, 20).tokens == greedy_generate(tiny_backbone, ids, 20).tokens
@@ -530,3 +534,19 @@ def test_draft_vocabulary_keeps_greedy_output_and_round_trips(tiny_backbone, sty
     loaded = load_heads(tmp_path, tiny_backbone)
     assert torch.equal(loaded.draft_vocab.cpu(), torch.tensor(subset))
     assert SpeculativeDecoder(loaded, TREE).generate(ids, 30).tokens == reference.tokens
+
+
+def test_decoding_imports_no_calibration_nor_training():
+    import subprocess
+    import sys
+
+    code = ("import sys, mtpkit.decoding; "
+            "print(sorted(m for m in sys.modules if m.startswith(('mtpkit.calibrate', 'mtpkit.train'))))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert found == "[]"
+    import inspect
+    import re
+
+    import mtpkit.decoding as decoding
+
+    assert not re.search(r"from mtpkit\.(calibrate|train)|import mtpkit\.(calibrate|train)", inspect.getsource(decoding))

@@ -109,3 +109,23 @@ def test_generate_bad_inputs(heads_dir, tmp_path):
     long_prompt = " ".join(["fox"] * 700)
     assert_one_line_error(run("generate", heads_dir, "--prompt", long_prompt, "--tree", "chain", "--no-chat"),
                           "context")
+
+
+@pytest.mark.parametrize("draft", ["hybrid", "heads", "lookup", "suffix"])
+def test_generate_each_draft_source_is_greedy_and_traced(heads_dir, reference, tmp_path, draft):
+    trace = tmp_path / "trace.jsonl"
+    prompt = "The quick brown fox"
+    result = run("generate", heads_dir, "--prompt", prompt, "--max-new-tokens", 12, "--draft", draft,
+                 "--trace", trace)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == reference[prompt] + "\n"
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert steps and all(step["draft_seconds"] >= 0 for step in steps)
+    if draft == "heads":
+        assert "draft_sources" not in steps[0]  # one source: nothing to record
+    else:
+        expected = {"hybrid": {"heads", "lookup", "suffix"}, "lookup": {"lookup"}, "suffix": {"suffix"}}[draft]
+        for step in steps:
+            assert len(step["draft_sources"]) == len(step["draft_tokens"]) - 1
+            assert all(sources and set(sources) <= expected for sources in step["draft_sources"])
+    assert_one_line_error(run("generate", heads_dir, "--prompt", prompt, "--draft", "everything"), "--draft")

@@ -14,7 +14,10 @@ from rich.table import Table
 
 from mtpkit.cli.common import console, friendly_errors
 
-DEFAULT_METHODS = "hf-greedy,greedy,hf-pld,mtp-chain,mtp-tree"
+# mtpkit.bench's DEFAULT_METHODS and METHODS, spelled out so that --help loads no torch (a test keeps them equal)
+DEFAULT_METHODS = "hf-greedy,greedy,hf-pld,mtp-chain,mtp-tree,mtp-hybrid"
+ALL_METHODS = "hf-greedy,greedy,hf-pld,pld,suffix,mtp-chain,mtp-tree,mtp-hybrid"
+METHODS_PER_TABLE = 5
 
 
 @friendly_errors
@@ -23,8 +26,8 @@ def bench(
     prompts: Annotated[str, typer.Option(help="'builtin' (held-out built-in prompts) or a .jsonl/.jsonl.gz/.txt file.")] = "builtin",
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts (categories interleaved).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 128,
-    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {DEFAULT_METHODS}; hf-greedy and greedy always run (the controls).")] = DEFAULT_METHODS,
-    tree: Annotated[str, typer.Option(help="Tree for mtp-tree: auto, chain or a JSON file of choices.")] = "auto",
+    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {ALL_METHODS} (pld: prompt lookup, suffix: the suffix index of the base's earlier outputs, mtp-hybrid: heads + both in one tree per step, all on mtpkit's loop); hf-greedy and greedy always run (the controls).")] = DEFAULT_METHODS,
+    tree: Annotated[str, typer.Option(help="The heads' tree for mtp-tree and mtp-hybrid: auto, chain or a JSON file of choices.")] = "auto",
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all CPUs).")] = None,
     pld_tokens: Annotated[int, typer.Option(help="Draft length of hf-pld (transformers' prompt_lookup_num_tokens).")] = 10,
@@ -77,15 +80,22 @@ def summary_tables(report: dict) -> list[Table]:
     from mtpkit.report import CATEGORY_FIGURES, FIGURES, category_rows, method_rows, setup_line
 
     rows = method_rows(report)
-    table = Table(title="mtpkit bench", caption=f"{setup_line(report)}. vs hf-greedy: speed-up over transformers' "
-                  "greedy; vs greedy: speculation gain over mtpkit's greedy on the same kernels (per-prompt "
-                  "ratios: geometric mean, median)", caption_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("")
-    for row in rows:
-        table.add_column(row[0], justify="right", no_wrap=True)
-    for index, (_, short) in enumerate(FIGURES, start=1):
-        table.add_row(short, *(row[index] for row in rows))
-    tables = [table]
+    # at most METHODS_PER_TABLE method columns fit 80 columns: more methods make more tables, evenly filled
+    count = -(-len(rows) // METHODS_PER_TABLE)
+    size = -(-len(rows) // count)
+    tables = []
+    for start in range(0, len(rows), size):
+        last = start + size >= len(rows)
+        caption = (f"{setup_line(report)}. vs hf-greedy: speed-up over transformers' greedy; vs greedy: speculation "
+                   "gain over mtpkit's greedy on the same kernels (per-prompt ratios: geometric mean, median)")
+        table = Table(title="mtpkit bench" if not start else None, caption=caption if last else None,
+                      caption_justify="left", box=box.SIMPLE_HEAD)
+        table.add_column("")
+        for row in rows[start:start + size]:
+            table.add_column(row[0], justify="right", no_wrap=True)
+        for index, (_, short) in enumerate(FIGURES, start=1):
+            table.add_row(short, *(row[index] for row in rows[start:start + size]))
+        tables.append(table)
     by_category = category_rows(report)
     if by_category:
         table = Table(title="by category", box=box.SIMPLE_HEAD)

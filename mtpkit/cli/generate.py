@@ -71,14 +71,15 @@ def generate(
     prompts_file: Annotated[Optional[Path], typer.Option(help="A .txt file (one prompt per line) or .jsonl file (\"prompt\", \"turns\" or \"text\").")] = None,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap each prompt in the tokenizer's chat template (when it has one).")] = True,
     max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per prompt.")] = 128,
-    tree: Annotated[str, typer.Option(help="Candidate tree: chain (top-1 of each head), auto (calibrated for this machine and these heads) or a JSON file of paths like [[0], [1], [0, 0]].")] = "auto",
+    draft: Annotated[str, typer.Option(help="Who drafts: hybrid (heads, prompt lookup and the suffix index of the base's earlier outputs, in one tree chosen each step), heads (the heads' --tree alone), lookup or suffix.")] = "hybrid",
+    tree: Annotated[str, typer.Option(help="The heads' tree: chain (top-1 of each head), auto (calibrated for this machine and these heads) or a JSON file of paths like [[0], [1], [0, 0]].")] = "auto",
     temperature: Annotated[float, typer.Option(help="0 decodes greedily (exactly the base's greedy output); > 0 samples, losslessly.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens only (0: all).")] = 0,
     typical: Annotated[bool, typer.Option("--typical", help="Medusa's typical acceptance: accepts more drafts but is NOT lossless (the output no longer follows the base's distribution). Needs --temperature > 0.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when the output contains this text (repeatable).")] = None,
-    trace: Annotated[Optional[Path], typer.Option(help="Write one JSON line per decoding step (drafts, their confidences, accepted length, rejected node) to this file.")] = None,
+    trace: Annotated[Optional[Path], typer.Option(help="Write one JSON line per decoding step (drafts, their confidences and sources, accepted length, rejected node) to this file.")] = None,
     model: Annotated[Optional[str], typer.Option(help="Load this base instead of the one named in the heads directory (it must be the same model).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (greedy output is identical to plain greedy in float32; in half precision the two may drift).")] = "float32",
@@ -89,7 +90,8 @@ def generate(
     from mtpkit.backbone import resolve_placement
     from mtpkit.checkpoint import open_heads
     from mtpkit.config import HeadsConfig
-    from mtpkit.decoding import SpeculativeDecoder, TextStream, check_sampling, encode_prompt
+    from mtpkit.decoding import TextStream, check_sampling, encode_prompt
+    from mtpkit.drafting.sources import DRAFTS, build_decoder
     from mtpkit.kernels import enable_fast_kernels
     from mtpkit.tree import load_tree_file
 
@@ -101,6 +103,8 @@ def generate(
     if max_new_tokens < 1:
         raise MtpkitError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     HeadsConfig.read(heads_dir)
+    if draft not in DRAFTS:
+        raise MtpkitError(f"unknown --draft {draft!r}: choose from {', '.join(DRAFTS)}")
     tree_spec = tree if tree in ("chain", "auto") else load_tree_file(Path(tree))
     trace_file = _open_trace(trace)
 
@@ -109,9 +113,10 @@ def generate(
         if fast_kernels:
             enable_fast_kernels(heads.backbone.model)
             enable_fast_kernels(heads)  # the draft layers run on few rows too
-    with console.status("calibrating the tree for this machine" if tree_spec == "auto" else "building the tree"):
-        decoder = SpeculativeDecoder(heads, tree_spec, temperature=temperature, top_p=top_p, top_k=top_k,
-                                     typical=typical, seed=seed)
+    with console.status("calibrating for this machine" if tree_spec == "auto" or draft != "heads"
+                        else "building the tree"):
+        decoder = build_decoder(heads, heads_dir, draft, tree_spec, temperature=temperature, top_p=top_p,
+                                top_k=top_k, typical=typical, seed=seed)
 
     results = []
     try:
@@ -127,7 +132,7 @@ def generate(
         if trace_file is not None:
             trace_file.close()
     console.print(_summary(results, f"mtpkit generate: {heads.config.style} x{heads.num_heads}, "
-                                    f"{decoder.tree.describe()}"))
+                                    f"{decoder.describe()}"))
 
 
 SHOWN_PROMPTS = 6
@@ -147,6 +152,8 @@ def _summary(results, title: str) -> Table:
         ("base forward passes", lambda rs: str(sum(r.forward_passes for r in rs))),
         ("mean accepted tokens per step",
          lambda rs: f"{sum(len(r.tokens) for r in rs) / max(1, sum(r.forward_passes for r in rs)):.2f}"),
+        ("drafting ms per step",
+         lambda rs: f"{1e3 * sum(r.draft_seconds for r in rs) / max(1, sum(r.forward_passes - 1 for r in rs)):.2f}"),
         ("tokens/s", lambda rs: f"{sum(len(r.tokens) for r in rs) / max(1e-9, sum(r.prefill_seconds + r.decode_seconds for r in rs)):.1f}"),
         ("stop", lambda rs: rs[0].stop_reason if len(rs) == 1 else ""),
     ]

@@ -80,6 +80,37 @@ def merge_candidates(candidates: Sequence[Candidates], calibrator: ConfidenceCal
                      tuple(tuple(node) for node in raw), tuple(tuple(node.values()) for node in raw))
 
 
+def cut_depth(trie: DraftTrie, max_depth: int) -> DraftTrie:
+    """The nodes of ``trie`` at most ``max_depth`` below the root (renumbered, still parent-first)."""
+    depths: list[int] = []
+    renumbered: dict[int, int] = {}
+    for node, parent in enumerate(trie.parents):
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+        if depths[-1] <= max_depth:  # a kept node's parent is shallower: kept before it
+            renumbered[node] = len(renumbered)
+    if len(renumbered) == len(trie):
+        return trie
+    kept = list(renumbered)
+    return DraftTrie(tuple(trie.tokens[n] for n in kept),
+                     tuple(-1 if trie.parents[n] < 0 else renumbered[trie.parents[n]] for n in kept),
+                     tuple(trie.confidences[n] for n in kept), tuple(trie.sources[n] for n in kept),
+                     tuple(trie.raw_confidences[n] for n in kept))
+
+
+def best_path(trie: DraftTrie) -> DraftTrie:
+    """The trie's chain of most confident children from the root (for models that verify chains only)."""
+    children: dict[int, list[int]] = {}
+    for node, parent in enumerate(trie.parents):
+        children.setdefault(parent, []).append(node)
+    path, node = [], -1
+    while children.get(node):
+        node = max(children[node], key=lambda c: (trie.confidences[c], -trie.tokens[c]))
+        path.append(node)
+    return DraftTrie(tuple(trie.tokens[n] for n in path), tuple(range(-1, len(path) - 1)),
+                     tuple(trie.confidences[n] for n in path), tuple(trie.sources[n] for n in path),
+                     tuple(trie.raw_confidences[n] for n in path))
+
+
 def select_tree(trie: DraftTrie, root_token: int, cost: dict[int, float], draft_cost: float = 0.0,
                 max_nodes: int = 64) -> DraftTree:
     """The best-first subtree of ``trie`` (root included, at most ``max_nodes``) with the highest

@@ -1,0 +1,101 @@
+"""Which drafters a decoder runs, built from a heads directory: the heads, prompt lookup, a suffix index.
+
+``--draft`` names a set of sources (``DRAFTS``). The suffix drafter reads the corpus of the base's own
+earlier responses that the heads directory carries (``corpus.parquet`` in it) or names (the config's
+``corpus``, relative to the directory); without one it learns from this run's outputs alone. The corpus
+index is built once per process and shared; what a decoder learns from its own outputs goes into an index
+of its own, so two decoders (two bench methods) never see each other's outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from mtpkit.config import CORPUS_NAME, HeadsConfig
+from mtpkit.drafting.base import Drafter
+from mtpkit.drafting.lookup import PromptLookup
+from mtpkit.drafting.suffix import SuffixDrafter, SuffixIndex
+from mtpkit.errors import MtpkitError
+
+DRAFTS = {"hybrid": ("heads", "lookup", "suffix"), "heads": ("heads",), "lookup": ("lookup",),
+          "suffix": ("suffix",)}
+
+
+def corpus_path(heads_dir: Path, config: HeadsConfig) -> Path | None:
+    """The corpus a heads directory carries or names, if it exists."""
+    heads_dir = Path(heads_dir)
+    carried = heads_dir / CORPUS_NAME
+    if carried.is_file():
+        return carried
+    if config.corpus:
+        named = Path(config.corpus).expanduser()
+        named = named if named.is_absolute() else heads_dir / named
+        if named.is_file():
+            return named.resolve()
+    return None  # named but absent (not built yet, say): the suffix drafter learns from this run only
+
+
+def corpus_index(path: Path, with_prompts: bool = False) -> SuffixIndex:
+    """The suffix index of a corpus's responses (each one document; ``with_prompts``: prompt + response), built
+    once per process for each version of the file."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _corpus_index(str(path), stat.st_mtime_ns, stat.st_size, with_prompts)
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus_index(path: str, mtime_ns: int, size: int, with_prompts: bool) -> SuffixIndex:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = ["prompt_ids", "response_ids"] if with_prompts else ["response_ids"]
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException, KeyError) as exc:
+        raise MtpkitError(f"cannot read the corpus {path}: {str(exc).splitlines()[0]}") from None
+    responses = table.column("response_ids").to_pylist()
+    if with_prompts:
+        documents = [list(p or []) + list(r or []) for p, r in zip(table.column("prompt_ids").to_pylist(), responses)]
+    else:
+        documents = [r for r in responses if r]
+    return SuffixIndex.from_documents(documents)
+
+
+def make_drafters(sources, heads, heads_dir: Path | None, tree="auto") -> list[Drafter]:
+    """Fresh drafters for ``sources`` (names from ``DRAFTS``' values); ``tree`` is the heads' static tree."""
+    from mtpkit.decoding import HeadsDrafter
+
+    drafters: list[Drafter] = []
+    for source in sources:
+        if source == "heads":
+            drafters.append(HeadsDrafter(heads, tree))
+        elif source == "lookup":
+            drafters.append(PromptLookup())
+        elif source == "suffix":
+            path = None if heads_dir is None else corpus_path(heads_dir, heads.config)
+            if path is not None:  # the base's earlier outputs, shared and read-only
+                drafters.append(SuffixDrafter(index=corpus_index(path), learn=False))
+            drafters.append(SuffixDrafter(index=SuffixIndex(), learn=True))  # this decoder's own outputs
+        else:
+            raise MtpkitError(f"unknown draft source {source!r}: choose from heads, lookup, suffix")
+    return drafters
+
+
+def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="auto", **sampling):
+    """The decoder for ``--draft``: the heads' static tree alone ("heads"), or a tree chosen per step from the
+    named sources, under this machine's measured forward costs (calibrated once, cached)."""
+    from mtpkit.calibrate import auto_tree, calibrate
+    from mtpkit.decoding import SpeculativeDecoder
+
+    if draft not in DRAFTS:
+        raise MtpkitError(f"unknown --draft {draft!r}: choose from {', '.join(DRAFTS)}")
+    sources = DRAFTS[draft]
+    if tree == "auto" and "heads" in sources:
+        tree = auto_tree(heads)  # the calibration is wired here: decoding takes a ready tree
+    if draft == "heads":
+        return SpeculativeDecoder(heads, tree, **sampling)
+    calibration = calibrate(heads)
+    return SpeculativeDecoder(heads, drafters=make_drafters(sources, heads, heads_dir, tree),
+                              cost=calibration.forward_cost,
+                              draft_cost=calibration.draft_cost if "heads" in sources else 0.0, **sampling)
