@@ -6,6 +6,7 @@ in the same directory, then a rename), so an interrupted save never damages what
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -42,6 +43,15 @@ def _umask() -> int:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def append_lines(path: Path, entries: list[dict]) -> None:
+    """Append one JSON line per entry in a single write, flushed to disk: an interruption tears the last line at most."""
+    payload = "".join(json.dumps(e) + "\n" for e in entries).encode()
+    with open(path, "ab") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def prepare_out_dir(out: Path, force: bool) -> Path:

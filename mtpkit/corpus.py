@@ -23,7 +23,8 @@ from mtpkit import __version__
 from mtpkit.backbone import Backbone
 from mtpkit.checkpoint import atomic_write
 from mtpkit.data import SELF_PROMPTS, Example, load_data, prompt_ids, to_example
-from mtpkit.distill import default_batch_size, eos_ids, generate, prompt_key
+from mtpkit.distill import prompt_key
+from mtpkit.generation import default_batch_size, eos_ids, generate
 from mtpkit.errors import MtpkitError
 from mtpkit.quality import degeneracy
 

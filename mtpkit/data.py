@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtpkit.chat import has_chat_template, render_prompt
 from mtpkit.errors import MtpkitError
 
 BUILTIN_PROMPTS = "builtin:prompts"
@@ -38,8 +39,6 @@ SELF_PROMPTS = "self:"
 SHAPES = ("chat", "instruction", "qa", "text", "prompt", "tokens")
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
               "model": "assistant", "system": "system"}
-# plain-text rendering for tokenizers without a chat template
-PLAIN_TURN = "{content}\n\n"
 
 
 @dataclass
@@ -262,17 +261,6 @@ def _check_distilled_by(source: str, rows: list[dict], backbone) -> None:
 
 
 # ----------------------------------------------------------------------------- tokenizing
-
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The prompt text up to where the assistant's response begins."""
-    if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(PLAIN_TURN.format(content=m["content"]) for m in messages)
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -4,7 +4,7 @@ Training on self-distilled data needs, per sequence, the base's response and the
 prompt + response. The loop before the data engine produced them in two passes: batched generation (64
 rows), then a second forward over every finished sequence (``mtpkit.train.compute_hidden``). The data
 engine keeps the states as generation computes them. Every configuration runs the same code the product
-runs (``mtpkit.distill.generate``, ``mtpkit.train.compute_hidden``), interleaved round by round on the same
+runs (``mtpkit.generation.generate``, ``mtpkit.train.compute_hidden``), interleaved round by round on the same
 prompts, so load from other processes falls on all of them alike; only ratios measured in one run count.
 
 bfloat16 is measured only where the processor computes it natively (``native_bfloat16``); elsewhere it
@@ -24,7 +24,7 @@ import torch
 import typer
 
 from mtpkit.backbone import Backbone
-from mtpkit.distill import generate
+from mtpkit.generation import generate
 
 TODAY_BATCH = 64  # the loop before the data engine: 64 rows, then a second pass for hidden states
 

@@ -43,7 +43,8 @@ ONE_ROW_FORMS = ("stock", "column", "pair")  # in order of preference: a later o
 FEW_ROW_FORMS = ("stock", "column")
 FEW_ROWS_PROBE = 8  # the row count at which 2..MAX_FAST_ROWS rows are measured (a typical verification)
 MARGIN = 0.10  # a layout replaces the one before it only if at least 10% faster: noise never flips a choice
-CHOICE_REPEATS = 5
+CHOICE_REPEATS = 7
+SAMPLE_SECONDS = 2e-3  # each timing sample lasts about this long (many calls of a small layer)
 
 
 def _stock(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -72,6 +73,7 @@ class KernelChoice:
 
 
 STOCK = KernelChoice()
+FEW_ROWS_LAYOUT = "column"  # measured on whole forwards, not per layer (see kernel_choice)
 _CHOICES: dict[tuple, KernelChoice] = {}
 
 
@@ -98,16 +100,23 @@ def pick_fastest(seconds: dict[str, float], forms: Iterable[str], margin: float 
 @torch.no_grad()
 def time_forms(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, forms: Iterable[str],
                repeats: int = CHOICE_REPEATS) -> dict[str, float]:
-    """Median seconds of each layout on ``rows`` random rows, interleaved call by call after one warm-up."""
+    """Median seconds of one call of each layout on ``rows`` random rows, interleaved sample by sample after a
+    warm-up. A sample times enough calls to last ``SAMPLE_SECONDS``: one call of a small layer lasts tens of
+    microseconds, about what waking the threads costs, so single calls would choose by noise."""
     forms = tuple(forms)
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    for form in forms:
+        FORMS[form](x, weight, bias).contiguous()
+    start = time.perf_counter()
+    FORMS[forms[0]](x, weight, bias).contiguous()
+    calls = max(1, min(200, round(SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-7))))
     samples: dict[str, list[float]] = {form: [] for form in forms}
-    for round_index in range(repeats + 1):
+    for _ in range(repeats):
         for form in forms:
             start = time.perf_counter()
-            FORMS[form](x, weight, bias).contiguous()
-            if round_index:
-                samples[form].append(time.perf_counter() - start)
+            for _ in range(calls):
+                FORMS[form](x, weight, bias).contiguous()
+            samples[form].append((time.perf_counter() - start) / calls)
     return {form: statistics.median(times) for form, times in samples.items()}
 
 
@@ -120,8 +129,9 @@ def kernel_choice(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Ker
     if choice is None:
         weight, bias = weight.detach(), None if bias is None else bias.detach()
         one_row = pick_fastest(time_forms(weight, bias, 1, ONE_ROW_FORMS), ONE_ROW_FORMS)
-        few_rows = pick_fastest(time_forms(weight, bias, FEW_ROWS_PROBE, FEW_ROW_FORMS), FEW_ROW_FORMS)
-        choice = _CHOICES[key] = KernelChoice(one_row, few_rows)
+        # 2..64 rows: a layer timed alone misleads (small layers looked as fast stock), while whole forwards
+        # over 2-16 tokens were 1.1-1.4x faster with every layer on the column layout (python -m mtpkit.kernels)
+        choice = _CHOICES[key] = KernelChoice(one_row, FEW_ROWS_LAYOUT)
     return choice
 
 

@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 
 from mtpkit.backbone import Backbone, cache_root
-from mtpkit.checkpoint import atomic_write_text
-from mtpkit.data import has_chat_template
-from mtpkit.distill import Sampler, append_lines, default_batch_size, eos_ids, generate
+from mtpkit.chat import has_chat_template
+from mtpkit.checkpoint import append_lines, atomic_write_text
+from mtpkit.generation import Sampler, default_batch_size, eos_ids, generate
 from mtpkit.errors import MtpkitError
 from mtpkit.quality import deduplicate, distinct_ngrams, is_looping
 

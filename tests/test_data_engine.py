@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mtpkit import distill, self_prompts
+from mtpkit import distill, generation, self_prompts
 from mtpkit.errors import MtpkitError
 from mtpkit.quality import deduplicate, degeneracy, distinct_ngrams, is_looping
 from mtpkit.self_prompts import SelfPromptSettings
@@ -64,11 +64,11 @@ def test_distinct_ngrams():
 
 def test_hidden_states_kept_from_generation_equal_a_separate_forward(tiny_backbone):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23]]
-    plain = distill.generate(tiny_backbone, prompts, max_new_tokens=9)
+    plain = generation.generate(tiny_backbone, prompts, max_new_tokens=9)
     # make one row finish early, so rows leave the batch at different steps
     tiny_backbone.model.generation_config.eos_token_id = plain.responses[1][2]
-    kept = distill.generate(tiny_backbone, prompts, max_new_tokens=9, keep_hidden=True)
-    expected_responses = distill.generate(tiny_backbone, prompts, max_new_tokens=9).responses
+    kept = generation.generate(tiny_backbone, prompts, max_new_tokens=9, keep_hidden=True)
+    expected_responses = generation.generate(tiny_backbone, prompts, max_new_tokens=9).responses
     assert kept.responses == expected_responses  # keeping states does not change what is generated
     assert len(kept.responses[1]) == 3 and len(kept.responses[0]) > 3
     for prompt, response, states in zip(prompts, kept.responses, kept.hidden):
@@ -80,12 +80,12 @@ def test_hidden_states_kept_from_generation_equal_a_separate_forward(tiny_backbo
 
 def test_sampling_is_seeded_and_top_p_keeps_only_the_nucleus():
     logits = torch.tensor([[2.0, 1.0, 0.5, -3.0]])
-    picks = {distill.Sampler(1.0, 0.7).pick(logits, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    picks = {generation.Sampler(1.0, 0.7).pick(logits, torch.Generator().manual_seed(s)).item() for s in range(200)}
     assert picks == {0, 1}  # p = 0.63, 0.23, 0.14: token 1 completes the 0.7 nucleus; 2 and 3 are never drawn
-    a = distill.Sampler(1.0, 1.0).pick(logits.expand(64, -1), torch.Generator().manual_seed(3))
-    b = distill.Sampler(1.0, 1.0).pick(logits.expand(64, -1), torch.Generator().manual_seed(3))
+    a = generation.Sampler(1.0, 1.0).pick(logits.expand(64, -1), torch.Generator().manual_seed(3))
+    b = generation.Sampler(1.0, 1.0).pick(logits.expand(64, -1), torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and len(set(a.tolist())) > 1
-    assert distill.Sampler().pick(logits, None).item() == 0  # temperature 0: greedy
+    assert generation.Sampler().pick(logits, None).item() == 0  # temperature 0: greedy
 
 
 # ----------------------------------------------------------------------------- self-written prompts
@@ -146,7 +146,7 @@ def test_self_prompts_refuse_a_model_without_a_chat_template(tiny_backbone, monk
 
 
 def test_self_prompts_give_up_with_one_line_when_nothing_usable_comes(tiny_backbone, monkeypatch):
-    for module in (distill, self_prompts):  # no turn ever ends: everything is over-long
+    for module in (generation, self_prompts):  # no turn ever ends: everything is over-long
         monkeypatch.setattr(module, "eos_ids", lambda backbone: set())
     with pytest.raises(MtpkitError, match="only 0 usable prompts"):
         self_prompts.self_prompts(tiny_backbone, 3, SelfPromptSettings(max_tokens=4), batch_size=4)
@@ -169,7 +169,7 @@ def test_distill_reports_degenerate_responses(tiny_backbone):
 
     examples = [Example("prompt", [{"role": "user", "content": f"Count to {i}."}]) for i in range(3)]
     responses, stats = distill.distill(tiny_backbone, examples, max_new_tokens=40, batch_size=3)
-    expected = degeneracy(responses, distill.eos_ids(tiny_backbone))
+    expected = degeneracy(responses, generation.eos_ids(tiny_backbone))
     assert stats.degeneracy == expected and stats.degeneracy.responses == 3
     # a random tiny model repeats itself: the figures say so
     assert stats.degeneracy.looping == sum(is_looping(r) for r in responses)

@@ -83,19 +83,20 @@ def test_kernel_choice_is_measured_once_per_shape_and_thread_count(monkeypatch):
 
     monkeypatch.setattr(kernels, "time_forms", fake_timings)
     weight = torch.randn(16, 8)
-    assert kernel_choice(weight) == KernelChoice("pair", "stock")
-    assert kernel_choice(torch.randn(16, 8)) == KernelChoice("pair", "stock")  # same key: cached
-    assert measured == [((16, 8), 1), ((16, 8), kernels.FEW_ROWS_PROBE)]
+    # one row is measured per layer; 2..64 rows take the layout measured on whole forwards
+    assert kernel_choice(weight) == KernelChoice("pair", kernels.FEW_ROWS_LAYOUT) == KernelChoice("pair", "column")
+    assert kernel_choice(torch.randn(16, 8)) == KernelChoice("pair", "column")  # same key: cached
+    assert measured == [((16, 8), 1)]
     kernel_choice(torch.randn(16, 4))
-    assert len(measured) == 4
+    assert len(measured) == 2
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
         kernel_choice(weight)  # another thread count is another machine
     finally:
         torch.set_num_threads(threads)
-    assert len(measured) == 6
-    assert kernel_choice(weight.to(torch.bfloat16)) is STOCK and len(measured) == 6  # never measured: stock
+    assert len(measured) == 3
+    assert kernel_choice(weight.to(torch.bfloat16)) is STOCK and len(measured) == 3  # never measured: stock
 
 
 def test_real_measurement_returns_known_layouts():
@@ -111,10 +112,10 @@ def test_enable_measures_each_shape_once_outside_the_forward(monkeypatch, llama)
                         {form: 1.0 for form in forms})
     enable_fast_kernels(llama.model)
     shapes = {tuple(m.weight.shape) for m in llama.model.modules() if isinstance(m, nn.Linear)}
-    assert len(seen) == 2 * len(shapes) and set(seen) == shapes
+    assert len(seen) == len(shapes) and set(seen) == shapes  # one row, once per shape
     llama.model(torch.randint(0, llama.vocab_size, (1, 3)))
-    assert len(seen) == 2 * len(shapes)  # the forward measured nothing new
-    assert set(kernel_choices(llama.model).values()) == {"stock/stock"}
+    assert len(seen) == len(shapes)  # the forward measured nothing new
+    assert set(kernel_choices(llama.model).values()) == {"stock/column"}
     disable_fast_kernels(llama.model)
     assert kernel_choices(llama.model) == {}
 

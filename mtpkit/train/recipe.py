@@ -29,7 +29,8 @@ from mtpkit.backbone import Backbone, cache_root, load_backbone
 from mtpkit.checkpoint import atomic_write_text, check_compatible, load_heads, save_heads
 from mtpkit.config import CARD_NAME, CHECKPOINT_DIR, LORA_DIR, METRICS_NAME, HeadsConfig
 from mtpkit.data import Dataset, TokenizedExample, data_fingerprint, load_data, tokenize_all
-from mtpkit.distill import DistillStats, distill, eos_ids
+from mtpkit.distill import DistillStats, distill
+from mtpkit.generation import eos_ids
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads
 from mtpkit.quality import Degeneracy, degeneracy

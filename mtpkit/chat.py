@@ -1,0 +1,16 @@
+"""How a prompt is put to a chat model: its chat template when it has one, plain turns otherwise (torch-free)."""
+
+from __future__ import annotations
+
+PLAIN_TURN = "{content}\n\n"  # plain-text rendering for tokenizers without a chat template
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The prompt text up to where the assistant's response begins."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(PLAIN_TURN.format(content=m["content"]) for m in messages)
