@@ -50,7 +50,8 @@ def test_shipped_heads_decode_exactly_and_accept_drafts(monkeypatch):
     from mtpkit.prompts import load_builtin
 
     monkeypatch.delenv("MTPKIT_CACHE", raising=False)
-    heads_dir = next((Path(__file__).resolve().parents[1] / "mtpkit" / "trained").iterdir())
+    trained = Path(__file__).resolve().parents[1] / "mtpkit" / "trained"
+    heads_dir = next(d for d in sorted(trained.iterdir()) if (d / "mtp_config.json").is_file())
     heads = open_heads(heads_dir)
     enable_fast_kernels(heads.backbone.model)
     decoder = SpeculativeDecoder(heads, "chain")
