@@ -780,10 +780,6 @@ class SpeculativeDecoder:
         self._keep_path(cache, plan, nodes, prefix)
         return nodes, new_tokens, rejected, verified
 
-    def _draft_eagle(self, plan: _Plan, draft_cache, root_state: torch.Tensor, tokens: torch.Tensor,
-                     tracing: bool) -> list[float] | None:
-        return draft_with_eagle(self.heads, plan, draft_cache, root_state, tokens, tracing)
-
     def _accept_longest(self, plan: _Plan, tokens: torch.Tensor, logits: torch.Tensor):
         """Greedy (base argmax) or typical acceptance: the longest accepted root-to-leaf path."""
         if self.typical:

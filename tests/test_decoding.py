@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mtpkit.config import HeadsConfig
-from mtpkit.decoding import (SpeculativeDecoder, _Plan, attention_windows, decoder_cache, encode_prompt,
-                             eos_token_ids, greedy_generate, rejection_walk, supports_tree_attention, tree_mask)
+from mtpkit.decoding import (SpeculativeDecoder, _Plan, attention_windows, decoder_cache, draft_with_eagle,
+                             encode_prompt, eos_token_ids, greedy_generate, rejection_walk, supports_tree_attention,
+                             tree_mask)
 from mtpkit.draft_layer import append_keys
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads, build_heads
@@ -124,7 +125,7 @@ def test_eagle_tree_drafts_equal_chain_drafts_along_each_path(tiny_backbone):
         root_state = heads.commit(cache, hidden, torch.tensor(ids[0, 1:].tolist() + [7]))
         tokens = plan.tokens.clone()
         tokens[0] = 7
-        decoder._draft_eagle(plan, cache, root_state, tokens, False)
+        draft_with_eagle(heads, plan, cache, root_state, tokens, False)
         parents, depths, ranks = tree.parents.tolist(), tree.depths.tolist(), tree.ranks.tolist()
         checked = 0
         for node in range(tree.num_nodes):
