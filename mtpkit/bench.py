@@ -34,7 +34,7 @@ from mtpkit.prompts import load_builtin
 
 METHODS = ("hf-greedy", "greedy", "hf-pld", "pld", "suffix", "mtp-chain", "mtp-tree", "mtp-hybrid")
 DEFAULT_METHODS = ("hf-greedy", "greedy", "hf-pld", "mtp-chain", "mtp-tree", "mtp-hybrid")
-# mtpkit's drafters on mtpkit's loop: the method -> ``--draft`` sources (``mtpkit.drafting.sources.DRAFTS``)
+# mtpkit's drafters on mtpkit's loop: the method -> ``--draft`` sources (``mtpkit.draft_sources.DRAFTS``)
 DRAFTED = {"pld": "lookup", "suffix": "suffix", "mtp-hybrid": "hybrid"}
 BASELINE = "hf-greedy"  # transformers' own greedy decoding: what a user runs without mtpkit
 CONTROL = "greedy"  # mtpkit's greedy loop on mtpkit's kernels: speculation_gain is measured against it
@@ -203,7 +203,7 @@ class Runner:
     """Runs one method on one prompt; mtpkit's methods on fast kernels, transformers' on stock ones."""
 
     def __init__(self, heads: DraftHeads, settings: BenchSettings, heads_dir: Path | None = None):
-        from mtpkit.drafting.sources import build_decoder
+        from mtpkit.draft_sources import build_decoder
 
         self.heads, self.settings = heads, settings
         self.backbone = heads.backbone
@@ -358,7 +358,7 @@ def run_bench(heads_dir: Path, settings: BenchSettings, *, model: str | None = N
     runner.kernels(CONTROL)
     layouts = kernel_choices(heads.backbone.model)  # what mtpkit's methods ran on, by layer shape
     runner.kernels(BASELINE)  # leave the model on stock kernels
-    from mtpkit.drafting.sources import corpus_path
+    from mtpkit.draft_sources import corpus_path
 
     corpus = corpus_path(heads_dir, heads.config) if any(m in DRAFTED for m in settings.methods) else None
     return build_report(prompts, runs, peaks, settings, heads, threads, heads_dir, runner.predicted_tokens(),

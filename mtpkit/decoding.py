@@ -447,7 +447,7 @@ class _TreeMasks:
 
 def resolve_tree(tree, heads: DraftHeads) -> Tree:
     """A ``Tree`` from "chain", a JSON file of choices, a list of choices, or a Tree. The "auto" tree is the
-    calibration's choices (``mtpkit.drafting.sources.build_decoder`` resolves it): decoding measures nothing."""
+    calibration's choices (``mtpkit.draft_sources.build_decoder`` resolves it): decoding measures nothing."""
     if isinstance(tree, Tree):
         resolved = tree
     elif isinstance(tree, (str, Path)):
@@ -456,7 +456,7 @@ def resolve_tree(tree, heads: DraftHeads) -> Tree:
             resolved = build_tree(chain_choices(heads.num_heads))
         elif name == "auto":
             raise MtpkitError("the auto tree comes from calibration: pass its choices "
-                              "(mtpkit.calibrate.auto_tree, or mtpkit.drafting.sources.build_decoder)")
+                              "(mtpkit.calibrate.auto_tree, or mtpkit.draft_sources.build_decoder)")
         else:
             resolved = build_tree(load_tree_file(Path(name)))
     else:

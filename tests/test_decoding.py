@@ -465,7 +465,7 @@ def test_auto_tree_uses_training_metrics_and_caches(tiny_backbone):
     assert [0] in result.choices and all(len(c) <= 3 for c in result.choices)
     path = cache_root() / "calibration" / f"{calibration_key(heads)}.json"
     assert path.is_file()
-    from mtpkit.drafting.sources import build_decoder
+    from mtpkit.draft_sources import build_decoder
 
     with pytest.raises(MtpkitError, match="calibration"):
         SpeculativeDecoder(heads, "auto")  # decoding takes a ready tree: the calibration is wired above it

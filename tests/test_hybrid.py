@@ -19,7 +19,7 @@ from mtpkit.decoding import (HeadsDrafter, SpeculativeDecoder, _TreeMasks, greed
 from mtpkit.drafting.base import Candidates
 from mtpkit.drafting.lookup import PromptLookup
 from mtpkit.drafting.merge import best_path, cut_depth, merge_candidates, select_tree
-from mtpkit.drafting.sources import build_decoder, corpus_index, corpus_path, make_drafters
+from mtpkit.draft_sources import build_decoder, corpus_index, corpus_path, make_drafters
 from mtpkit.drafting.suffix import SuffixDrafter, SuffixIndex
 from mtpkit.errors import MtpkitError
 

@@ -91,7 +91,7 @@ def generate(
     from mtpkit.checkpoint import open_heads
     from mtpkit.config import HeadsConfig
     from mtpkit.decoding import TextStream, check_sampling, encode_prompt
-    from mtpkit.drafting.sources import DRAFTS, build_decoder
+    from mtpkit.draft_sources import DRAFTS, build_decoder
     from mtpkit.kernels import enable_fast_kernels
     from mtpkit.tree import load_tree_file
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from mtpkit.calibrate import auto_tree, calibrate
 from mtpkit.config import CORPUS_NAME, HeadsConfig
+from mtpkit.decoding import HeadsDrafter, SpeculativeDecoder
 from mtpkit.drafting.base import Drafter
 from mtpkit.drafting.lookup import PromptLookup
 from mtpkit.drafting.suffix import SuffixDrafter, SuffixIndex
@@ -64,8 +66,6 @@ def _corpus_index(path: str, mtime_ns: int, size: int, with_prompts: bool) -> Su
 
 def make_drafters(sources, heads, heads_dir: Path | None, tree="auto") -> list[Drafter]:
     """Fresh drafters for ``sources`` (names from ``DRAFTS``' values); ``tree`` is the heads' static tree."""
-    from mtpkit.decoding import HeadsDrafter
-
     drafters: list[Drafter] = []
     for source in sources:
         if source == "heads":
@@ -85,9 +85,6 @@ def make_drafters(sources, heads, heads_dir: Path | None, tree="auto") -> list[D
 def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="auto", **sampling):
     """The decoder for ``--draft``: the heads' static tree alone ("heads"), or a tree chosen per step from the
     named sources, under this machine's measured forward costs (calibrated once, cached)."""
-    from mtpkit.calibrate import auto_tree, calibrate
-    from mtpkit.decoding import SpeculativeDecoder
-
     if draft not in DRAFTS:
         raise MtpkitError(f"unknown --draft {draft!r}: choose from {', '.join(DRAFTS)}")
     sources = DRAFTS[draft]
