@@ -34,18 +34,20 @@ CORPUS ?= mtpkit/trained/corpus/smollm2-135m.parquet
 corpus: setup
 	$(BIN)/mtpkit corpus $(CORPUS) --data builtin:prompts --data self:1500 --data builtin:gsm8k --max-new-tokens 256
 
-# Reproduce the shipped default heads from nothing (self-distill + train: 23.6 min measured on 2 CPU cores),
-# then copy the trained files (not the resumable checkpoint) over mtpkit/trained/.
-# `make heads HEADS_STYLE=eagle` trains the eagle heads of recipes/smollm2-135m-eagle.yaml instead.
+# Retrain the shipped default heads from the corpus above, in place (the corpus's hidden states, then one pass of
+# training; see the heads' README for the time it took). An interrupted run resumes from its checkpoint when run
+# again. `make heads HEADS_STYLE=eagle` trains the eagle heads of recipes/smollm2-135m-eagle.yaml instead.
 HEADS_STYLE ?= sequential
 HEADS_NAME := smollm2-135m-$(HEADS_STYLE)
+HEADS_DIR  := mtpkit/trained/$(HEADS_NAME)
 heads: setup
-	rm -rf heads/$(HEADS_NAME)
-	$(BIN)/mtpkit attach --model smollm2-135m --style $(HEADS_STYLE) --heads 4 --out heads/$(HEADS_NAME)
-	$(BIN)/mtpkit finetune heads/$(HEADS_NAME) --recipe recipes/$(HEADS_NAME).yaml
-	rm -rf mtpkit/trained/$(HEADS_NAME) && mkdir -p mtpkit/trained/$(HEADS_NAME)
-	cp heads/$(HEADS_NAME)/mtp_config.json heads/$(HEADS_NAME)/heads.safetensors heads/$(HEADS_NAME)/README.md \
-		heads/$(HEADS_NAME)/metrics.jsonl heads/$(HEADS_NAME)/training.png mtpkit/trained/$(HEADS_NAME)/
+	if [ -f $(HEADS_DIR)/checkpoint/state.pt ]; then \
+		$(BIN)/mtpkit finetune $(HEADS_DIR) --recipe recipes/$(HEADS_NAME).yaml --resume; \
+	else \
+		rm -rf $(HEADS_DIR) && \
+		$(BIN)/mtpkit attach --model smollm2-135m --style $(HEADS_STYLE) --heads 4 --out $(HEADS_DIR) && \
+		$(BIN)/mtpkit finetune $(HEADS_DIR) --recipe recipes/$(HEADS_NAME).yaml; \
+	fi
 
 clean:
 	rm -rf $(VENV) out heads .pytest_cache

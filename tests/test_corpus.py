@@ -59,6 +59,29 @@ def test_training_from_the_corpus_gives_the_same_sequences_as_distilling(tiny_ba
     assert {(tuple(t.ids), t.loss_start) for split in got for t in split} == flat_expected
 
 
+def test_heads_trained_on_a_corpus_name_it_for_their_suffix_drafter(tiny_model_dirs, prompt_file, tmp_path):
+    from mtpkit import train
+    from mtpkit.attach import attach
+    from mtpkit.backbone import load_backbone
+    from mtpkit.config import HeadsConfig
+    from mtpkit.draft_sources import corpus_path
+
+    tiny_backbone = load_backbone(str(tiny_model_dirs["llama"]))
+    out = tmp_path / "data" / "corpus.parquet"
+    out.parent.mkdir()
+    build_corpus(tiny_backbone, [str(prompt_file)], out, max_new_tokens=5, batch_size=4)
+    heads_dir = tmp_path / "models" / "heads"
+    attach(str(tiny_model_dirs["llama"]), "medusa", 2, 1, heads_dir)
+    train.finetune(heads_dir, train.FinetuneOptions(data=[str(out)], batch_size=2, eval_fraction=0.25, epochs=1,
+                                                    eval_every=0, save_every=0), backbone=tiny_backbone)
+    config = HeadsConfig.read(heads_dir)
+    assert config.corpus == "../../data/corpus.parquet"  # relative: the two directories move together
+    assert corpus_path(heads_dir, config).resolve() == out.resolve()
+    records = [json.loads(line) for line in (heads_dir / "metrics.jsonl").read_text().splitlines()]
+    # one epoch over the responses: every response token (but each one's last) is a head-1 target once
+    assert [r["tokens"] for r in records if "loss" in r][-1] == config.training["train_tokens"]
+
+
 def test_same_batches_as_the_cache_when_prompts_are_distinct(tiny_backbone, tmp_path):
     prompts = tmp_path / "distinct.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:8]))

@@ -35,11 +35,23 @@ def test_recipe_opens_with_its_command(path):
     assert "finetune" in commands and f"--recipe recipes/{path.name}" in commands
 
 
-def test_default_recipes_train_only_on_the_builtin_train_split():
-    for name in ("smollm2-135m-medusa", "smollm2-135m-sequential"):
-        recipe = read_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
-        assert recipe["data"] == ["builtin:prompts"]
-        assert recipe["self_distill"] is True
+def test_default_recipes_never_see_the_held_out_prompts():
+    """The medusa recipe self-distils the built-in train split; the sequential one trains on the shipped corpus,
+    whose prompts are that split, the base's own and GSM8K's train questions: never a held-out prompt."""
+    from mtpkit.corpus import read_corpus
+    from mtpkit.prompts import load_builtin
+
+    root = Path(__file__).resolve().parents[1]
+    medusa = read_recipe(root / "recipes" / "smollm2-135m-medusa.yaml")
+    assert medusa["data"] == ["builtin:prompts"] and medusa["self_distill"] is True
+    sequential = read_recipe(root / "recipes" / "smollm2-135m-sequential.yaml")
+    assert sequential["data"] == ["mtpkit/trained/corpus/smollm2-135m.parquet"]
+    rows, meta = read_corpus(root / sequential["data"][0])
+    assert meta["base_model"] == "smollm2-135m" and rows
+    assert {r["source"] for r in rows} <= {"builtin:prompts", "builtin:gsm8k"} | {s for s in {r["source"] for r in rows}
+                                                                                  if s.startswith("self:")}
+    held_out = {r["prompt"] for r in load_builtin("heldout")}
+    assert not held_out & {r["prompt"] for r in rows}
 
 
 def test_shipped_heads_were_trained_by_their_recipe():
@@ -53,8 +65,10 @@ def test_shipped_heads_were_trained_by_their_recipe():
         recipe = read_recipe(root / "recipes" / f"{heads_dir.name}.yaml")
         config = json.loads((heads_dir / "mtp_config.json").read_text())
         training = config["training"]
-        for key in ("data", "lr", "loss", "batch_size", "seed", "distill_max_new_tokens", "feature_loss"):
+        for key in ("data", "lr", "loss", "batch_size", "seed", "feature_loss"):
             assert training.get(key, 0.0) == recipe.get(key, 0.0), key
+        if recipe.get("self_distill"):
+            assert training["distill_max_new_tokens"] == recipe.get("distill_max_new_tokens", 0.0)
         assert training["epochs"] == pytest.approx(recipe["epochs"])
         assert config["base_model"] == "smollm2-135m" and config["style"] in heads_dir.name
         assert len(training["eval"]["head_top1"]) == config["num_heads"]

@@ -154,6 +154,13 @@ def test_finetune_writes_the_heads_dir_contract(tiny_model_dirs, tmp_path, text_
     records = [json.loads(line) for line in (heads_dir / METRICS_NAME).read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in records if "eval" in r] == [3, 6]
+    seen = [r["tokens"] for r in records if "loss" in r]
+    assert all(0 < a < b for a, b in zip(seen, seen[1:]))  # every step learns from new tokens
+    assert [r["tokens"] for r in records if "eval" in r] == [seen[2], seen[5]]  # evaluated after steps 3 and 6
+    assert training["learning_curve"] == [{"step": r["step"], "tokens": r["tokens"], "head_top1": r["eval"]["head_top1"]}
+                                          for r in records if "eval" in r]
+    card = (heads_dir / "README.md").read_text()
+    assert f"| {seen[5]:,} | 6 | " + " | ".join(f"{a:.3f}" for a in evaluation["head_top1"]) + " |" in card
     assert "mtpkit generate <this directory> --prompt" in (heads_dir / "README.md").read_text()
     trained = {name: tensor.detach().cpu() for name, tensor in result.heads.state_dict().items()}
     fresh = open_heads(make_heads(tiny_model_dirs, tmp_path, style="sequential", name="fresh")).state_dict()
@@ -198,6 +205,11 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dirs, tmp_path, text_da
     steps = [json.loads(line)["step"] for line in (interrupted / METRICS_NAME).read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, 9))  # steps logged before the interruption are not logged twice
+    tokens = [[json.loads(line)["tokens"] for line in (run / METRICS_NAME).read_text().splitlines()
+               if "loss" in json.loads(line)] for run in (straight, interrupted)]
+    assert tokens[0] == tokens[1]  # the count of tokens seen goes on across the interruption
+    # two epochs: every training sequence's targets, twice
+    assert tokens[0][-1] == 2 * HeadsConfig.read(straight).training["train_tokens"]
 
 
 def test_resume_refuses_other_settings_or_no_checkpoint(tiny_model_dirs, tmp_path, text_data):

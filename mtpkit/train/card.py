@@ -11,7 +11,7 @@ PLOT_NAME = "training.png"
 
 
 def plot_history(history: list[dict], path: Path) -> Path | None:
-    """Training loss and per-head eval top-1 accuracy against the step."""
+    """Training loss against the step, and per-head held-out top-1 accuracy against the training tokens seen."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,15 +24,29 @@ def plot_history(history: list[dict], path: Path) -> Path | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot([r["step"] for r in train], [r["loss"] for r in train])
     left.set(xlabel="step", ylabel="weighted head loss", title="training loss")
+    by_tokens = bool(evals) and all("tokens" in r for r in evals)
     if evals:
+        where = [r["tokens"] if by_tokens else r["step"] for r in evals]
         for k in range(len(evals[0]["eval"]["head_top1"])):
-            right.plot([r["step"] for r in evals], [r["eval"]["head_top1"][k] for r in evals], marker="o", label=f"head {k + 1}")
+            right.plot(where, [r["eval"]["head_top1"][k] for r in evals], marker="o", label=f"head {k + 1}")
         right.legend()
-    right.set(xlabel="step", ylabel="held-out top-1 accuracy", title="per-head accuracy", ylim=(0, 1))
+    right.set(xlabel="training tokens seen" if by_tokens else "step", ylabel="held-out top-1 accuracy",
+              title="learning curve", ylim=(0, 1))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path
+
+
+def learning_curve(history: list[dict]) -> list[dict]:
+    """Held-out top-1 per head at each evaluation, against the training tokens seen by then."""
+    return [{"step": r["step"], "tokens": r["tokens"], "head_top1": r["eval"]["head_top1"]}
+            for r in history if "eval" in r and "tokens" in r]
+
+
+def _curve_rows(curve: list[dict]) -> str:
+    return "\n".join(f"| {p['tokens']:,} | {p['step']} | " + " | ".join(f"{a:.3f}" for a in p["head_top1"]) + " |"
+                     for p in curve)
 
 
 def _shape(config: HeadsConfig) -> str:
@@ -40,6 +54,19 @@ def _shape(config: HeadsConfig) -> str:
         return (f"eagle, one draft model of {config.num_layers} decoder layer(s) with its own attention, "
                 f"run {config.num_heads} times per step (one per draft depth)")
     return f"{config.style}, {config.num_heads} heads x {config.num_layers} layer(s)"
+
+
+def _curve_section(curve: list[dict], num_heads: int) -> str:
+    if not curve:
+        return ""
+    heads = " | ".join(f"head {k} top-1" for k in range(1, num_heads + 1))
+    return f"""
+## Learning curve (held-out top-1 against the training tokens seen, in this run)
+
+| tokens | step | {heads} |
+|---|---|{"---|" * num_heads}
+{_curve_rows(curve)}
+"""
 
 
 def model_card(config: HeadsConfig) -> str:
@@ -73,7 +100,7 @@ is identical to the base's own.
 {rows}
 
 Expected tokens per step for a chain of all heads: {evaluation.get("expected_chain_tokens", "n/a")}
-
+{_curve_section(t.get("learning_curve", []), config.num_heads)}
 ## Use
 
 ```bash

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import threading
@@ -27,7 +28,7 @@ from torch import nn
 from mtpkit import __version__
 from mtpkit.backbone import Backbone, cache_root, load_backbone
 from mtpkit.checkpoint import atomic_write_text, check_compatible, load_heads, save_heads
-from mtpkit.config import CARD_NAME, CHECKPOINT_DIR, LORA_DIR, METRICS_NAME, HeadsConfig
+from mtpkit.config import CARD_NAME, CHECKPOINT_DIR, CORPUS_NAME, LORA_DIR, METRICS_NAME, HeadsConfig
 from mtpkit.data import Dataset, TokenizedExample, data_fingerprint, load_data, tokenize_all
 from mtpkit.distill import DistillStats, distill
 from mtpkit.generation import eos_ids
@@ -35,7 +36,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads
 from mtpkit.quality import Degeneracy, degeneracy
 from mtpkit.train.batches import Batch, TrainVocab, collate, draft_vocab, epoch_order, shard, target_rows
-from mtpkit.train.card import PLOT_NAME, model_card, plot_history
+from mtpkit.train.card import PLOT_NAME, learning_curve, model_card, plot_history
 from mtpkit.train.checkpoints import CHECKPOINT_FILE, checkpoint_step, load_checkpoint, save_checkpoint
 from mtpkit.train.evaluation import eval_counts, eval_summary
 from mtpkit.train.hidden import HiddenStore, compute_hidden
@@ -287,6 +288,20 @@ def train_tokens(examples: list[TokenizedExample]) -> int:
     return sum(len(e.ids) - max(e.loss_start, 1) for e in examples)
 
 
+def trained_corpus(heads_dir: Path, dataset: Dataset) -> str:
+    """The self-distilled corpus the heads trained on, relative to their directory, for the suffix drafter
+    ("": none, several, or the directory carries its own ``corpus.parquet``)."""
+    corpora = [Path(r.source) for r in dataset.sources if r.shapes.get("tokens") and Path(r.source).is_file()]
+    if len(corpora) != 1 or (heads_dir / CORPUS_NAME).is_file():
+        return ""
+    return os.path.relpath(corpora[0].resolve(), heads_dir.resolve())
+
+
+def tokens_seen(history: list[dict]) -> int:
+    """Training tokens (``train_tokens`` of the sequences, over every process) seen up to the last logged step."""
+    return next((r["tokens"] for r in reversed(history) if "loss" in r and "tokens" in r), 0)
+
+
 def response_quality(examples: list[TokenizedExample], stop_ids: set[int]) -> Degeneracy:
     """Empty and looping responses among the training sequences (plain texts count as responses)."""
     return degeneracy([e.ids[e.loss_start:] for e in examples], stop_ids)
@@ -394,9 +409,12 @@ def train(run: Run, callbacks: Callbacks | None = None) -> None:
             if measure:
                 measure.__enter__()
             loss_sums, row_counts = [], []
+            tokens = tokens_seen(run.history)
             for index in micro:
                 indices = _micro_batch(run, epoch, index)
-                everyone = target_rows(run.train_examples, _global_micro_batch(run, epoch, index), num_heads, options.lora)
+                everywhere = _global_micro_batch(run, epoch, index)
+                everyone = target_rows(run.train_examples, everywhere, num_heads, options.lora)
+                tokens += train_tokens([run.train_examples[i] for i in everywhere])
                 batch = collate(run.train_examples, indices, run.train_store, accelerator.device) if indices \
                     else _empty_batch(run)
                 sync = index == micro[-1]
@@ -423,7 +441,7 @@ def train(run: Run, callbacks: Callbacks | None = None) -> None:
             weighted = _weighted_loss(run, losses)
             record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 3), "loss": round(weighted, 5),
                       "head_loss": [None if x is None else round(x, 5) for x in losses],
-                      "lr": run.scheduler.get_last_lr()[0]}
+                      "lr": run.scheduler.get_last_lr()[0], "tokens": tokens}
             run.history.append(record)
             _append_metrics(run, record)
             callbacks.report("training", run.step, run.total_steps, loss=weighted)
@@ -488,7 +506,7 @@ def _log_eval(run: Run, callbacks: Callbacks) -> dict:
     if accelerator.num_processes > 1:
         sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
     result = eval_summary(sums, len(run.eval_examples))
-    record = {"step": run.step, "eval": result}
+    record = {"step": run.step, "tokens": tokens_seen(run.history), "eval": result}
     run.history.append(record)
     _append_metrics(run, record)
     callbacks.say(f"step {run.step}: eval top-1 per head {result['head_top1']}, "
@@ -510,6 +528,7 @@ def save(run: Run, wall_seconds: float) -> list[Path]:
     config = heads.config
     config.lora = options.lora
     config.trust_remote_code = run.trust_remote_code
+    config.corpus = config.corpus or trained_corpus(run.heads_dir, run.dataset)
     config.training = {
         "data": options.data, "data_shapes": run.dataset.shapes,
         "train_sequences": len(run.train_examples), "eval_sequences": len(run.eval_examples),
@@ -531,6 +550,7 @@ def save(run: Run, wall_seconds: float) -> list[Path]:
     if run.final_eval is not None:
         config.training["eval"] = {k: run.final_eval[k] for k in
                                    ("head_top1", "head_top5", "head_topk_accuracy", "expected_chain_tokens", "examples")}
+    config.training["learning_curve"] = learning_curve(run.history)
     heads.set_draft_vocab(draft_vocab(run.train_examples))
     config.training["draft_vocab"] = int(heads.draft_vocab.numel())
     files = save_heads(heads, run.heads_dir)
