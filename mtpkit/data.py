@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtpkit.chat import has_chat_template, render_prompt
+from mtpkit.chat import has_chat_template, prompt_token_ids, render_prompt
 from mtpkit.errors import MtpkitError
 
 BUILTIN_PROMPTS = "builtin:prompts"
@@ -271,11 +271,7 @@ def prompt_ids(tokenizer, example: Example) -> list[int]:
     """Token ids of the prompt, as the base sees it before generating (BOS included if it uses one)."""
     if example.prompt_ids is not None:
         return list(example.prompt_ids)
-    ids = _encode(tokenizer, render_prompt(tokenizer, example.messages))
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if not has_chat_template(tokenizer) and bos is not None and getattr(tokenizer, "add_bos_token", False):
-        ids = [bos] + ids
-    return ids
+    return prompt_token_ids(tokenizer, example.messages)
 
 
 def _response_ids(tokenizer, example: Example) -> list[int]:

@@ -36,11 +36,13 @@ from typing import Callable, Sequence
 import torch
 
 from mtpkit.backbone import Backbone
+from mtpkit.chat import prompt_token_ids
 from mtpkit.draft_layer import append_keys
 from mtpkit.drafting.base import Candidates, Drafter
 from mtpkit.drafting.calibrator import ConfidenceCalibrator
 from mtpkit.drafting.merge import best_path, cut_depth, merge_candidates, select_tree
 from mtpkit.errors import MtpkitError
+from mtpkit.generation import eos_ids
 from mtpkit.heads import DraftHeads
 from mtpkit.tree import Tree, build_tree, chain_choices, load_tree_file
 
@@ -74,27 +76,14 @@ class GenerationResult:
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.LongTensor:
-    """Token ids [1, L] of a prompt, through the chat template when ``chat`` and the tokenizer has one."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    """Token ids [1, L] of a user prompt: as a chat turn (``mtpkit.chat``: the chat template, or plain turns
+    without one, as the heads were trained on) when ``chat``, else the raw text."""
+    if chat:
+        ids = torch.tensor([prompt_token_ids(tokenizer, [{"role": "user", "content": prompt}])], dtype=torch.long)
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise MtpkitError("the prompt is empty: it encodes to no tokens")
-    return ids
-
-
-def eos_token_ids(backbone: Backbone) -> set[int]:
-    """Every id that ends generation: the tokenizer's EOS and the generation config's."""
-    ids = set()
-    for value in (getattr(backbone.tokenizer, "eos_token_id", None),
-                  getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
     return ids
 
 
@@ -124,7 +113,7 @@ class _Output:
     def __init__(self, backbone: Backbone, budget: int, stop_strings: Sequence[str],
                  on_tokens: Callable[[list[int]], None] | None):
         self.tokenizer = backbone.tokenizer
-        self.eos = eos_token_ids(backbone)
+        self.eos = eos_ids(backbone)
         self.budget = budget
         self.stop_strings = [s for s in stop_strings if s]
         self.window = max((len(s) for s in self.stop_strings), default=0) + 8

@@ -123,8 +123,12 @@ def _keep_rows(cache, live: torch.Tensor, *tensors: torch.Tensor):
 
 
 def eos_ids(backbone: Backbone) -> set[int]:
-    eos = backbone.model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if backbone.tokenizer.eos_token_id is not None:
-        ids.add(backbone.tokenizer.eos_token_id)
+    """Every id that ends generation: the tokenizer's EOS and the generation config's (one or several)."""
+    ids = set()
+    for value in (getattr(backbone.tokenizer, "eos_token_id", None),
+                  getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
     return ids

@@ -11,9 +11,10 @@ import torch
 
 from mtpkit.config import HeadsConfig
 from mtpkit.decoding import (SpeculativeDecoder, _Plan, attention_windows, decoder_cache, draft_with_eagle,
-                             encode_prompt, eos_token_ids, greedy_generate, rejection_walk, supports_tree_attention,
+                             encode_prompt, greedy_generate, rejection_walk, supports_tree_attention,
                              tree_mask)
 from mtpkit.draft_layer import append_keys
+from mtpkit.generation import eos_ids
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads, build_heads
 from mtpkit.tree import build_tree
@@ -249,7 +250,7 @@ def test_generation_near_the_end_of_the_context(tiny_backbone):
     heads = OracleHeads(tiny_backbone, "medusa", [5, 6, 7])  # drafts are random here
     ids = torch.arange(5, 5 + 505).remainder(tiny_backbone.vocab_size).unsqueeze(0)
     tiny_backbone.model.generation_config.eos_token_id = None
-    assert eos_token_ids(tiny_backbone) == {tiny_backbone.tokenizer.eos_token_id}  # the tokenizer's EOS still stops
+    assert eos_ids(tiny_backbone) == {tiny_backbone.tokenizer.eos_token_id}  # the tokenizer's EOS still stops
     result = SpeculativeDecoder(heads, TREE).generate(ids, 50)
     reference = greedy_generate(tiny_backbone, ids, 50)
     assert result.tokens == reference.tokens and len(result.tokens) <= 512 - 505
@@ -260,6 +261,21 @@ def test_encode_prompt_uses_the_chat_template(tiny_tokenizer):
     plain = encode_prompt(tiny_tokenizer, "hello", chat=False)[0].tolist()
     assert chat[0] == tiny_tokenizer.convert_tokens_to_ids("<|im_start|>") and len(chat) > len(plain)
     assert tiny_tokenizer.decode(chat).endswith("<|im_start|>assistant\n")
+
+
+def test_decoding_encodes_a_prompt_as_training_did(tiny_tokenizer):
+    """One rule for a prompt's ids: bench and generate put a prompt to the base as the corpus and finetune
+    did, with or without a chat template (plain turns and the tokenizer's BOS then)."""
+    import copy
+
+    from mtpkit.data import Example, prompt_ids
+
+    plain_tokenizer = copy.deepcopy(tiny_tokenizer)
+    plain_tokenizer.chat_template = None
+    for tokenizer in (tiny_tokenizer, plain_tokenizer):
+        expected = prompt_ids(tokenizer, Example("prompt", messages=[{"role": "user", "content": "hello there"}]))
+        assert encode_prompt(tokenizer, "hello there", chat=True)[0].tolist() == expected
+    assert plain_tokenizer.decode(encode_prompt(plain_tokenizer, "hello there", chat=True)[0]).endswith("hello there\n\n")
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -376,6 +376,23 @@ def test_calibrator_learns_only_from_nodes_that_were_tried():
     assert (suffix[8], suffix[1], suffix[7], suffix[4]) == (0.0, 0.0, None, None)
 
 
+def test_calibrator_learns_each_depth_apart():
+    """A copy that held for two tokens holds for a third far more often than a first copied token is right:
+    the same raw confidence (1.0, one match) gets each depth's own rate, at the merged trie's depths too."""
+    calibrator = ConfidenceCalibrator(prior_weight=4.0)
+    chain = Candidates((7, 8, 9, 10, 11), (-1, 0, 1, 2, 3), (1.0,) * 5, ("lookup",) * 5)
+    tree = select_tree(merge_candidates([chain]), 42, {1: 1.0, 8: 1.0})
+    for step in range(40):  # the first token holds 1 time in 4; once it did, the rest hold
+        calibrator.observe(tree, [0, 1, 2, 3, 4, 5] if step % 4 == 0 else [0])
+    assert calibrator.acceptance_rates("lookup", 1)[9] == pytest.approx(0.25)
+    assert calibrator.acceptance_rates("lookup", 2)[9] == calibrator.acceptance_rates("lookup", 5)[9] == 1.0
+    assert calibrator.acceptance_rates("lookup", 4) == calibrator.acceptance_rates("lookup", 9)  # 4 and deeper: one
+    assert calibrator.calibrate("lookup", 1.0, 1) == pytest.approx((10 + 4) / (40 + 4))
+    assert calibrator.calibrate("lookup", 1.0, 3) == pytest.approx(1.0)
+    trie = merge_candidates([chain], calibrator)
+    assert trie.confidences[0] == pytest.approx(14 / 44) and trie.confidences[1:] == pytest.approx([1.0] * 4)
+
+
 def test_calibration_changes_the_merged_confidence():
     calibrator = ConfidenceCalibrator()
     for _ in range(100):

@@ -72,11 +72,15 @@ def merge_candidates(candidates: Sequence[Candidates], calibrator: ConfidenceCal
             raw[node][source] = max(confidence, raw[node].get(source, 0.0))
             merged_as.append(node)
 
-    def calibrated(source: str, value: float) -> float:
-        return value if calibrator is None else calibrator.calibrate(source, value)
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+
+    def calibrated(source: str, value: float, depth: int) -> float:
+        return value if calibrator is None else calibrator.calibrate(source, value, depth)
 
     return DraftTrie(tuple(tokens), tuple(parents),
-                     tuple(max(calibrated(s, v) for s, v in node.items()) for node in raw),
+                     tuple(max(calibrated(s, v, d) for s, v in node.items()) for node, d in zip(raw, depths)),
                      tuple(tuple(node) for node in raw), tuple(tuple(node.values()) for node in raw))
 
 
