@@ -63,10 +63,10 @@ def test_head_weights_and_chain_tokens():
 def test_training_lowers_the_loss_and_moves_only_the_heads(tiny_model_dirs, tmp_path, text_data, style, train_vocab):
     heads_dir = make_heads(tiny_model_dirs, tmp_path, style)
     run = train.setup(heads_dir, options(text_data, max_steps=15, train_vocab=train_vocab, loss="ce"))
-    assert (run.vocab is None) == (train_vocab == "full")
+    assert (run.data.vocab is None) == (train_vocab == "full")
     base_before = {k: v.clone() for k, v in run.heads.backbone.model.state_dict().items()}
     heads_before = {k: v.clone() for k, v in run.heads.state_dict().items()}
-    before = train.evaluate(run.heads, run.eval_examples, run.eval_store, 4, torch.device("cpu"))
+    before = train.evaluate(run.heads, run.data.eval_examples, run.data.eval_store, 4, torch.device("cpu"))
     train.train(run)
     after = run.final_eval
     assert all(a < b - 0.1 for a, b in zip(after["head_loss"], before["head_loss"])), (before, after)
@@ -82,8 +82,8 @@ def test_feature_loss_adds_the_regression_to_the_base_hidden_state_at_t_plus_k(t
     """Fresh Medusa heads pass h_t through, so the added term is smooth-L1(h_t, h_{t+k}), weighted."""
     heads_dir = make_heads(tiny_model_dirs, tmp_path, num_heads=2)
     run = train.setup(heads_dir, options(text_data))
-    batch = train.collate(run.train_examples, [0, 1, 2], run.train_store, torch.device("cpu"))
-    args = (run.model, batch, [1.0, 1.0], "distill", run.accelerator, 1.0, False, run.vocab)
+    batch = train.collate(run.data.train_examples, [0, 1, 2], run.data.train_store, torch.device("cpu"))
+    args = (run.model, batch, [1.0, 1.0], "distill", run.accelerator, 1.0, False, run.data.vocab)
     plain = train.backward_heads(*args)
     with_feature = train.backward_heads(*args, feature_weight=2.0)
     flat = batch.hidden.reshape(-1, batch.hidden.shape[-1])
@@ -107,11 +107,11 @@ def test_evaluate_matches_a_hand_count(tiny_model_dirs, tmp_path, text_data):
     """Fresh Medusa heads reproduce the base, so head k's top-1 is how often argmax base(t) == token t+k+1."""
     heads_dir = make_heads(tiny_model_dirs, tmp_path, num_heads=2)
     run = train.setup(heads_dir, options(text_data))
-    result = train.evaluate(run.heads, run.eval_examples, run.eval_store, 3, torch.device("cpu"))
+    result = train.evaluate(run.heads, run.data.eval_examples, run.data.eval_store, 3, torch.device("cpu"))
     backbone = run.heads.backbone
     for k in (1, 2):
         hits = total = hits5 = 0
-        for example in run.eval_examples:
+        for example in run.data.eval_examples:
             ids = torch.tensor([example.ids])
             mask = torch.zeros_like(ids, dtype=torch.bool)
             mask[0, max(example.loss_start, 1):] = True
@@ -237,10 +237,10 @@ def test_hidden_states_on_disk_give_the_same_heads(tiny_model_dirs, tmp_path, te
     shutil.copytree(fresh, disk)
     train.finetune(memory, options(text_data))
     run = train.setup(disk, options(text_data, hidden_cache_gb=0))
-    assert run.train_store.on_disk
+    assert run.data.train_store.on_disk
     train.train(run)
     train.save(run, 1.0)
-    run.train_store.close()
+    run.data.train_store.close()
     a, b = load_file(str(memory / WEIGHTS_NAME)), load_file(str(disk / WEIGHTS_NAME))
     for name in a:
         assert torch.equal(a[name], b[name])

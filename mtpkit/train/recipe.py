@@ -65,16 +65,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 @dataclass
-class Run:
-    """Everything ``setup`` builds and ``train`` / ``save`` use. Under ``accelerate launch`` or ``torchrun``
-    each process holds one: its own shard of the training and held-out sequences (``train_shard``,
-    ``eval_shard``), whose hidden states alone it computes."""
+class _Data:
+    """What ``_setup_data`` gives this process: every sequence tokenized, its shards, their hidden states."""
 
-    heads_dir: Path
-    options: FinetuneOptions
-    heads: DraftHeads
-    model: nn.Module  # the TrainedModel around the heads, as accelerate prepared it
-    accelerator: Any
     dataset: Dataset
     train_examples: list[TokenizedExample]
     eval_examples: list[TokenizedExample]
@@ -82,16 +75,38 @@ class Run:
     eval_shard: list[int]
     train_store: HiddenStore | None
     eval_store: HiddenStore | None
+    vocab: TrainVocab | None
+    self_distill: bool
+    distill_stats: DistillStats | None
+
+    def sequences_per_process(self) -> dict[str, list[int]]:
+        """How many sequences each process trains on and evaluates (the hidden states it computed, if any)."""
+        from accelerate.utils import gather_object
+
+        return {name: gather_object([len(indices) if store is None else len(store)])
+                for name, indices, store in (("train", self.train_shard, self.train_store),
+                                             ("eval", self.eval_shard, self.eval_store))}
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` builds and ``train`` / ``save`` use. Under ``accelerate launch`` or ``torchrun``
+    each process holds one, with its own ``data``: its shard of the training and held-out sequences, whose
+    hidden states alone it computes."""
+
+    heads_dir: Path
+    options: FinetuneOptions
+    heads: DraftHeads
+    model: nn.Module  # the TrainedModel around the heads, as accelerate prepared it
+    accelerator: Any
+    data: _Data
     optimizer: Any
     scheduler: Any
     weights: list[float]
     total_steps: int
     steps_per_epoch: int
     micro_batches_per_epoch: int
-    self_distill: bool
-    distill_stats: DistillStats | None
     peft_model: Any = None
-    vocab: TrainVocab | None = None
     trust_remote_code: bool = False
     sequences_per_process: dict[str, list[int]] = field(default_factory=dict)
     step: int = 0
@@ -117,7 +132,7 @@ class Run:
         return {"batch_size": o.batch_size, "grad_accum": o.grad_accum, "total_steps": self.total_steps,
                 "lr": o.lr, "loss": o.loss, "weights": self.weights, "seed": o.seed, "lora": o.lora,
                 "train_vocab": o.train_vocab, "feature_loss": o.feature_loss,
-                "data": data_fingerprint(self.train_examples), "processes": self.accelerator.num_processes}
+                "data": data_fingerprint(self.data.train_examples), "processes": self.accelerator.num_processes}
 
 
 def _on_cpu_only() -> bool:
@@ -180,13 +195,10 @@ def setup(heads_dir: Path, options: FinetuneOptions, backbone: Backbone | None =
     peft_model = _add_lora(heads.backbone, config, options.lora_rank) if options.lora else None
     model, optimizer, scheduler, total_steps, steps_per_epoch, micro = _setup_optimizer(
         heads, peft_model, options, accelerator, len(data.train_examples))
-    run = Run(heads_dir=heads_dir, options=options, heads=heads, model=model, accelerator=accelerator,
-              dataset=data.dataset, train_examples=data.train_examples, eval_examples=data.eval_examples,
-              train_shard=data.train_shard, eval_shard=data.eval_shard, train_store=data.train_store,
-              eval_store=data.eval_store, optimizer=optimizer, scheduler=scheduler, weights=weights,
-              total_steps=total_steps, steps_per_epoch=steps_per_epoch, micro_batches_per_epoch=micro,
-              self_distill=data.self_distill, distill_stats=data.distill_stats, peft_model=peft_model,
-              vocab=data.vocab, trust_remote_code=trust_remote_code,
+    run = Run(heads_dir=heads_dir, options=options, heads=heads, model=model, accelerator=accelerator, data=data,
+              optimizer=optimizer, scheduler=scheduler, weights=weights, total_steps=total_steps,
+              steps_per_epoch=steps_per_epoch, micro_batches_per_epoch=micro, peft_model=peft_model,
+              trust_remote_code=trust_remote_code,
               sequences_per_process=data.sequences_per_process(), timings=timings)
     if options.resume:
         load_checkpoint(run)
@@ -204,30 +216,6 @@ def _setup_model(heads_dir: Path, config: HeadsConfig, options: FinetuneOptions,
     heads = load_heads(heads_dir, backbone)
     heads.to(accelerator.device, dtype=torch.float32)  # float32 master weights whatever the base's dtype
     return heads
-
-
-@dataclass
-class _Data:
-    """What ``_setup_data`` gives this process: every sequence tokenized, its shards, their hidden states."""
-
-    dataset: Dataset
-    train_examples: list[TokenizedExample]
-    eval_examples: list[TokenizedExample]
-    train_shard: list[int]
-    eval_shard: list[int]
-    train_store: HiddenStore | None
-    eval_store: HiddenStore | None
-    vocab: TrainVocab | None
-    self_distill: bool
-    distill_stats: DistillStats | None
-
-    def sequences_per_process(self) -> dict[str, list[int]]:
-        """How many sequences each process trains on and evaluates (the hidden states it computed, if any)."""
-        from accelerate.utils import gather_object
-
-        return {name: gather_object([len(indices) if store is None else len(store)])
-                for name, indices, store in (("train", self.train_shard, self.train_store),
-                                             ("eval", self.eval_shard, self.eval_store))}
 
 
 def _setup_data(backbone: Backbone, options: FinetuneOptions, accelerator, callbacks: Callbacks,
@@ -342,7 +330,7 @@ def _add_lora(backbone: Backbone, config: HeadsConfig, rank: int):
 
 def _epoch_order(run: Run, epoch: int) -> list[int]:
     if epoch not in run.orders:
-        run.orders[epoch] = epoch_order(len(run.train_examples), run.global_batch, run.options.seed, epoch)
+        run.orders[epoch] = epoch_order(len(run.data.train_examples), run.global_batch, run.options.seed, epoch)
     return run.orders[epoch]
 
 
@@ -364,8 +352,8 @@ def _empty_batch(run: "Run") -> Batch:
     device = run.accelerator.device
     ids = torch.zeros((1, 1), dtype=torch.long, device=device)
     hidden = None
-    if run.train_store is not None:
-        hidden = torch.zeros((1, 1, run.train_store.hidden_size), dtype=run.train_store.dtype, device=device)
+    if run.data.train_store is not None:
+        hidden = torch.zeros((1, 1, run.data.train_store.hidden_size), dtype=run.data.train_store.dtype, device=device)
     return Batch(ids, torch.zeros_like(ids, dtype=torch.bool), torch.ones_like(ids), hidden)
 
 
@@ -413,15 +401,15 @@ def train(run: Run, callbacks: Callbacks | None = None) -> None:
             for index in micro:
                 indices = _micro_batch(run, epoch, index)
                 everywhere = _global_micro_batch(run, epoch, index)
-                everyone = target_rows(run.train_examples, everywhere, num_heads, options.lora)
-                tokens += train_tokens([run.train_examples[i] for i in everywhere])
-                batch = collate(run.train_examples, indices, run.train_store, accelerator.device) if indices \
+                everyone = target_rows(run.data.train_examples, everywhere, num_heads, options.lora)
+                tokens += train_tokens([run.data.train_examples[i] for i in everywhere])
+                batch = collate(run.data.train_examples, indices, run.data.train_store, accelerator.device) if indices \
                     else _empty_batch(run)
                 sync = index == micro[-1]
                 with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
                     losses = backward_heads(run.model, batch, run.weights, options.loss, accelerator, 1.0 / len(micro),
-                                            options.lora, run.vocab, options.feature_loss, total_rows=everyone)
-                mine = target_rows(run.train_examples, indices, num_heads, options.lora)
+                                            options.lora, run.data.vocab, options.feature_loss, total_rows=everyone)
+                mine = target_rows(run.data.train_examples, indices, num_heads, options.lora)
                 loss_sums.append([0.0 if x is None else x * n for x, n in zip(losses, mine)])
                 row_counts.append(everyone)
             losses = _step_losses(accelerator, loss_sums, row_counts)
@@ -445,7 +433,7 @@ def train(run: Run, callbacks: Callbacks | None = None) -> None:
             run.history.append(record)
             _append_metrics(run, record)
             callbacks.report("training", run.step, run.total_steps, loss=weighted)
-            if options.eval_every and run.step % options.eval_every == 0 and run.step < run.total_steps and run.eval_examples:
+            if options.eval_every and run.step % options.eval_every == 0 and run.step < run.total_steps and run.data.eval_examples:
                 _log_eval(run, callbacks)
             if options.save_every and run.step % options.save_every == 0 and run.step < run.total_steps:
                 save_checkpoint(run)
@@ -458,7 +446,7 @@ def train(run: Run, callbacks: Callbacks | None = None) -> None:
                                   f"{run.checkpoint_path.parent}, continue with --resume") from None
     run.timings["train_s"] = run.timings.get("train_s", 0.0) + time.perf_counter() - tick
     tick = time.perf_counter()
-    if run.eval_examples:
+    if run.data.eval_examples:
         run.final_eval = _log_eval(run, callbacks)
     run.timings["eval_s"] = time.perf_counter() - tick
 
@@ -501,11 +489,11 @@ def _log_eval(run: Run, callbacks: Callbacks) -> dict:
     callbacks.report("evaluating", 0, 1)
     accelerator = run.accelerator
     with torch.no_grad(), accelerator.autocast():
-        sums = eval_counts(run.heads, run.eval_examples, run.eval_shard, run.eval_store, run.options.batch_size,
+        sums = eval_counts(run.heads, run.data.eval_examples, run.data.eval_shard, run.data.eval_store, run.options.batch_size,
                            accelerator.device)
     if accelerator.num_processes > 1:
         sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-    result = eval_summary(sums, len(run.eval_examples))
+    result = eval_summary(sums, len(run.data.eval_examples))
     record = {"step": run.step, "tokens": tokens_seen(run.history), "eval": result}
     run.history.append(record)
     _append_metrics(run, record)
@@ -528,19 +516,19 @@ def save(run: Run, wall_seconds: float) -> list[Path]:
     config = heads.config
     config.lora = options.lora
     config.trust_remote_code = run.trust_remote_code
-    config.corpus = config.corpus or trained_corpus(run.heads_dir, run.dataset)
+    config.corpus = config.corpus or trained_corpus(run.heads_dir, run.data.dataset)
     config.training = {
-        "data": options.data, "data_shapes": run.dataset.shapes,
-        "train_sequences": len(run.train_examples), "eval_sequences": len(run.eval_examples),
-        "train_tokens": train_tokens(run.train_examples),
+        "data": options.data, "data_shapes": run.data.dataset.shapes,
+        "train_sequences": len(run.data.train_examples), "eval_sequences": len(run.data.eval_examples),
+        "train_tokens": train_tokens(run.data.train_examples),
         "sources": [{"source": r.source, "records": r.records, "shapes": r.shapes, **({"detail": r.detail} if r.detail else {})}
-                    for r in run.dataset.sources],
-        "responses": response_quality(run.train_examples, eos_ids(run.heads.backbone)).as_dict(),
-        "self_distill": run.self_distill,
-        "distill_max_new_tokens": options.distill_max_new_tokens if run.self_distill else None,
+                    for r in run.data.dataset.sources],
+        "responses": response_quality(run.data.train_examples, eos_ids(run.heads.backbone)).as_dict(),
+        "self_distill": run.data.self_distill,
+        "distill_max_new_tokens": options.distill_max_new_tokens if run.data.self_distill else None,
         "steps": run.step, "epochs": round(run.step / run.steps_per_epoch, 3), "lr": options.lr,
         "batch_size": options.batch_size, "grad_accum": options.grad_accum, "max_length": options.max_length,
-        "loss": options.loss, "feature_loss": options.feature_loss, "train_vocab": run.vocab.ids.numel() if run.vocab is not None else "full",
+        "loss": options.loss, "feature_loss": options.feature_loss, "train_vocab": run.data.vocab.ids.numel() if run.data.vocab is not None else "full",
         "head_weights": options.head_weights, "weights": run.weights, "lora": options.lora,
         "mixed_precision": options.mixed_precision, "dtype": options.dtype, "seed": options.seed,
         "processes": run.accelerator.num_processes, "sequences_per_process": run.sequences_per_process,
@@ -551,7 +539,7 @@ def save(run: Run, wall_seconds: float) -> list[Path]:
         config.training["eval"] = {k: run.final_eval[k] for k in
                                    ("head_top1", "head_top5", "head_topk_accuracy", "expected_chain_tokens", "examples")}
     config.training["learning_curve"] = learning_curve(run.history)
-    heads.set_draft_vocab(draft_vocab(run.train_examples))
+    heads.set_draft_vocab(draft_vocab(run.data.train_examples))
     config.training["draft_vocab"] = int(heads.draft_vocab.numel())
     files = save_heads(heads, run.heads_dir)
     if run.peft_model is not None:
@@ -597,13 +585,13 @@ def finetune(heads_dir: Path, options: FinetuneOptions | None = None, *, backbon
         files = save(run, time.perf_counter() - started)
         run.accelerator.wait_for_everyone()  # the heads directory is complete when any process returns
     finally:
-        for store in (run.train_store, run.eval_store):
+        for store in (run.data.train_store, run.data.eval_store):
             if store is not None:
                 store.close()
     run.timings["total_s"] = time.perf_counter() - started
     return FinetuneResult(heads_dir=Path(heads_dir), config=run.heads.config, eval=run.final_eval, files=files,
                           steps=run.step, epochs=round(run.step / run.steps_per_epoch, 3), timings=run.timings,
                           peak_step_rss_mb=run.peak_step_rss_mb, peak_step_gpu_mb=run.peak_step_gpu_mb,
-                          distill=run.distill_stats, dataset=run.dataset,
-                          train_sequences=len(run.train_examples), eval_sequences=len(run.eval_examples),
+                          distill=run.data.distill_stats, dataset=run.data.dataset,
+                          train_sequences=len(run.data.train_examples), eval_sequences=len(run.data.eval_examples),
                           main_process=run.accelerator.is_main_process, heads=run.heads)
