@@ -20,6 +20,7 @@ FIGURES = (("tokens/s (median)", "tokens/s"),
            ("predicted", "predicted"),
            ("identical vs hf-greedy", "same as hf-greedy"),
            ("identical vs greedy", "same as greedy"),
+           ("drafting ms/step (median)", "draft ms/step"),
            ("peak MB", "peak MB"))
 COLUMNS = tuple(long for long, _ in FIGURES)
 CATEGORY_FIGURES = (("speed-up over hf-greedy", "vs hf-greedy"), ("speculation gain over greedy", "vs greedy"),
@@ -35,6 +36,10 @@ def _percent(rate: float | None) -> str:
     return "-" if rate is None else f"{100 * rate:.0f}%"
 
 
+def _milliseconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.1f}"
+
+
 def method_rows(report: dict) -> list[tuple[str, ...]]:
     """One row of strings per method: its name, then its figures in FIGURES order (Rich and Markdown share it)."""
     rows = []
@@ -44,7 +49,7 @@ def method_rows(report: dict) -> list[tuple[str, ...]]:
                      _times(m.get("speculation_gain")), _times(m.get("speculation_gain_median")),
                      f"{m['mean_accepted_tokens']:.2f}", "-" if predicted is None else f"{predicted:.2f}",
                      _percent(m["identical_rate"]), _percent(m.get("identical_rate_vs_greedy")),
-                     f"{m.get('peak_memory_mb', 0):.0f}"))
+                     _milliseconds(m.get("draft_seconds_per_step")), f"{m.get('peak_memory_mb', 0):.0f}"))
     return rows
 
 

@@ -99,7 +99,7 @@ def fake_report(methods=METHODS, categories=("code", "chat")) -> dict:
     figures = lambda i: dict(tokens_per_s=12.3 + i, speedup=1.0 + 0.25 * i, speedup_median=1.0 + 0.2 * i,
                              speculation_gain=0.94 + 0.25 * i, speculation_gain_median=0.9 + 0.2 * i,
                              mean_accepted_tokens=1.0 + 0.3 * i, identical_rate=1.0, identical_rate_vs_greedy=1.0,
-                             prompts=2, peak_memory_mb=1234.0)
+                             prompts=2, peak_memory_mb=1234.0, draft_seconds_per_step=0.0042 + 0.001 * i)
     per_method = {m: figures(i) for i, m in enumerate(methods)}
     return {"methods": per_method, "by_category": {c: per_method for c in categories},
             "predicted_mean_accepted_tokens": {"mtp-chain": 1.54, "mtp-tree": 1.61},
@@ -147,6 +147,7 @@ def test_markdown_has_both_ratios_side_by_side():
     assert "speed-up over hf-greedy (geo-mean)" in header and "speculation gain over greedy (geo-mean)" in header
     tree = next(line for line in markdown.splitlines() if line.startswith("| mtp-tree |")).split(" | ")
     assert tree[2:6] == ["2.50x", "2.20x", "2.44x", "2.10x"]  # mtp-tree is the 7th of METHODS
+    assert "drafting ms/step (median)" in header and tree[-2] == "10.2"  # 4.2 ms + 1 ms per method before it
     assert "| code | mtp-tree | 2.50x | 2.44x | 2.80 | 100% |" in markdown
 
 
