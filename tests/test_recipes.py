@@ -36,21 +36,23 @@ def test_recipe_opens_with_its_command(path):
 
 
 def test_default_recipes_never_see_the_held_out_prompts():
-    """The medusa recipe self-distils the built-in train split; the sequential one trains on the shipped corpus,
-    whose prompts are that split, the base's own and GSM8K's train questions: never a held-out prompt."""
+    """The default recipes train on the built-in train split (self-distilled) or on the shipped corpus, whose
+    prompts are that split, the base's own and GSM8K's train questions: never a held-out prompt."""
     from mtpkit.corpus import read_corpus
     from mtpkit.prompts import load_builtin
 
     root = Path(__file__).resolve().parents[1]
-    medusa = read_recipe(root / "recipes" / "smollm2-135m-medusa.yaml")
-    assert medusa["data"] == ["builtin:prompts"] and medusa["self_distill"] is True
-    sequential = read_recipe(root / "recipes" / "smollm2-135m-sequential.yaml")
-    assert sequential["data"] == ["mtpkit/trained/corpus/smollm2-135m.parquet"]
-    rows, meta = read_corpus(root / sequential["data"][0])
-    assert meta["base_model"] == "smollm2-135m" and rows
-    assert {r["source"] for r in rows} <= {"builtin:prompts", "builtin:gsm8k"} | {s for s in {r["source"] for r in rows}
-                                                                                  if s.startswith("self:")}
     held_out = {r["prompt"] for r in load_builtin("heldout")}
+    corpus = "mtpkit/trained/corpus/smollm2-135m.parquet"
+    for name in ("smollm2-135m-medusa", "smollm2-135m-sequential"):
+        recipe = read_recipe(root / "recipes" / f"{name}.yaml")
+        assert recipe["data"] in (["builtin:prompts"], [corpus]), name
+        if recipe["data"] == ["builtin:prompts"]:
+            assert recipe["self_distill"] is True
+    rows, meta = read_corpus(root / corpus)
+    assert meta["base_model"] == "smollm2-135m" and rows
+    sources = {r["source"] for r in rows}
+    assert all(s in ("builtin:prompts", "builtin:gsm8k") or s.startswith("self:") for s in sources)
     assert not held_out & {r["prompt"] for r in rows}
 
 
