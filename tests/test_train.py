@@ -95,6 +95,26 @@ def test_feature_loss_adds_the_regression_to_the_base_hidden_state_at_t_plus_k(t
         assert with_feature[k - 1] - plain[k - 1] == pytest.approx(2.0 * float(expected), rel=1e-4)
 
 
+def test_distill_loss_is_the_kl_to_the_base_at_t_plus_k(tiny_model_dirs, tmp_path, text_data):
+    """Fresh Medusa heads pass h_t through, so head k's distill loss is the mean over its rows of
+    KL(base(h_{t+k}) || base(h_t)), both softmaxes over the training vocabulary."""
+    heads_dir = make_heads(tiny_model_dirs, tmp_path, num_heads=3)
+    run = train.setup(heads_dir, options(text_data))
+    batch = train.collate(run.data.train_examples, [0, 1, 2], run.data.train_store, torch.device("cpu"))
+    losses = train.backward_heads(run.model, batch, [1.0, 1.0, 1.0], "distill", run.accelerator, 1.0, False,
+                                  run.data.vocab)
+    flat = batch.hidden.reshape(-1, batch.hidden.shape[-1])
+    weight = run.heads.backbone.model.get_output_embeddings().weight[run.data.vocab.ids]
+    log_probs = torch.log_softmax(flat @ weight.T, -1)
+    for k in (1, 2, 3):
+        _, valid = targets.head_targets(batch.ids, k, batch.loss_mask)
+        rows, at_target = train.head_rows(valid, k)
+        teacher, student = log_probs[at_target], log_probs[rows]
+        expected = (teacher.exp() * (teacher - student)).sum(-1).mean()
+        assert expected > 0.01
+        assert losses[k - 1] == pytest.approx(float(expected), rel=1e-4)
+
+
 def test_train_vocab_holds_the_tokens_of_the_data():
     from mtpkit.data import TokenizedExample
 

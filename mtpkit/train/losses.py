@@ -72,6 +72,29 @@ class TrainedModel(nn.Module):
         return hidden, states, output_layers
 
 
+class _Teacher:
+    """The base's next-token log-probabilities at the positions the heads are distilled towards, computed once
+    per micro-batch: head k at t and head k + 1 at t - 1 both learn the base's distribution at t + k."""
+
+    def __init__(self, heads: DraftHeads, hidden: torch.Tensor, vocab: TrainVocab | None, accelerator):
+        self.heads, self.hidden, self.vocab, self.accelerator = heads, hidden, vocab, accelerator
+        self.row_of = torch.full((hidden.shape[0],), -1, dtype=torch.long, device=hidden.device)
+        self.rows: list[torch.Tensor] = []  # log-probabilities, in the order positions were first asked for
+
+    @torch.no_grad()
+    def log_probs(self, positions: torch.Tensor) -> torch.Tensor:
+        new = positions[self.row_of[positions] < 0].unique()
+        if new.numel():
+            self.row_of[new] = torch.arange(len(self), len(self) + new.numel(), device=new.device)
+            with self.accelerator.autocast():  # accelerate may hand the hidden states back in float32
+                self.rows.append(F.log_softmax(_scores(self.heads, 0, self.hidden[new], self.vocab).float(), -1))
+            self.rows = [torch.cat(self.rows)] if len(self.rows) > 1 else self.rows
+        return self.rows[0][self.row_of[positions]]
+
+    def __len__(self) -> int:
+        return sum(r.shape[0] for r in self.rows)
+
+
 def _unwrap(model: nn.Module) -> TrainedModel:
     return model.module if hasattr(model, "module") else model  # DDP keeps the module it wraps in .module
 
@@ -97,6 +120,7 @@ def backward_heads(model: nn.Module, batch: Batch, weights: list[float], loss_ty
         (k, state, weights[k - 1] * (LORA_HEAD_SCALE if lora else 1.0)) for k, state in enumerate(states, start=1)]
     layer_leaves = [w.detach().requires_grad_() for w in output_layers]
     teacher_hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+    teacher = _Teacher(heads, teacher_hidden, vocab, accelerator) if loss_type == "distill" else None
     leaves, losses = [], []
     for position, (k, state, weight) in enumerate(outputs):
         leaf = state.detach().requires_grad_()
@@ -116,11 +140,9 @@ def backward_heads(model: nn.Module, batch: Batch, weights: list[float], loss_ty
             chunk = rows[start: start + CHUNK_ROWS]
             with accelerator.autocast():
                 logits = _scores(heads, k, flat_state[chunk], vocab, own_layer).float()
-            if loss_type == "distill" and k > 0:
-                with torch.no_grad(), accelerator.autocast():  # accelerate may hand the hidden states back in float32
-                    teacher = F.log_softmax(_scores(heads, 0, teacher_hidden[teacher_rows[start: start + CHUNK_ROWS]],
-                                                    vocab).float(), -1)
-                loss = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="sum")
+            if teacher is not None and k > 0:
+                loss = F.kl_div(F.log_softmax(logits, -1), teacher.log_probs(teacher_rows[start: start + CHUNK_ROWS]),
+                                log_target=True, reduction="sum")
             else:
                 loss = F.cross_entropy(logits, labels[chunk], reduction="sum")
             if feature_weight and k > 0:
