@@ -682,7 +682,6 @@ class SpeculativeDecoder:
             committed = prompt + [root]
             for drafter in self.drafters:
                 drafter.update([root])
-            self.calibrator.start()  # this answer's own acceptances lead from here
             if self._masks is None or not self._masks.fits(self.max_nodes, capacity, backbone.dtype):
                 self._masks = _TreeMasks(self.windows, self.max_nodes, capacity, backbone.dtype, backbone.device)
         prefill = time.perf_counter() - start

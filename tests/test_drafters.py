@@ -393,27 +393,6 @@ def test_calibrator_learns_each_depth_apart():
     assert trie.confidences[0] == pytest.approx(14 / 44) and trie.confidences[1:] == pytest.approx([1.0] * 4)
 
 
-def test_a_generation_s_own_acceptances_lead_and_the_next_generation_forgets_them():
-    """Over many answers a copied first token holds 1 time in 4; in this answer it held 3 times in 3, so this
-    answer trusts it more, and a new answer starts again from the rate over all answers."""
-    calibrator = ConfidenceCalibrator(prior_weight=4.0, generation_weight=2.0)
-    for step in range(40):
-        calibrator.record("lookup", 1.0, step % 4 == 0)
-    overall = (10 + 4) / (40 + 4)
-    calibrator.start()
-    assert calibrator.calibrate("lookup", 1.0) == pytest.approx(overall)  # no evidence of its own yet
-    for _ in range(3):
-        calibrator.record("lookup", 1.0, True)
-    overall = (13 + 4) / (43 + 4)  # the new trials count over all answers too
-    assert calibrator.calibrate("lookup", 1.0) == pytest.approx((3 + 2 * overall) / (3 + 2))
-    assert calibrator.calibrate("lookup", 1.0, depth=2) == pytest.approx(1.0)  # another depth: nothing of its own
-    assert calibrator.calibrate("heads", 0.55) == pytest.approx(0.55)  # another source
-    calibrator.start()
-    assert calibrator.calibrate("lookup", 1.0) == pytest.approx(overall)
-    restored = ConfidenceCalibrator.from_state_dict(calibrator.state_dict())
-    assert restored.generation_weight == 2.0 and restored.calibrate("lookup", 1.0) == pytest.approx(overall)
-
-
 def test_calibration_changes_the_merged_confidence():
     calibrator = ConfidenceCalibrator()
     for _ in range(100):

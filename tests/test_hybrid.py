@@ -279,24 +279,6 @@ def test_calibrator_learns_that_a_source_is_wrong(tiny_backbone):
     assert decoder.calibrator.calibrate("wrong", 1.0) < 0.5 < decoder.calibrator.calibrate("oracle", 0.5)
 
 
-def test_each_generation_starts_its_own_counts(tiny_backbone):
-    """The calibrator's per-answer counts hold exactly what this answer tried; the counts over all answers grow."""
-    ids, reference, sequence = reference_run(tiny_backbone, 20)
-    heads = random_heads(tiny_backbone, "medusa")
-    decoder = SpeculativeDecoder(heads, drafters=[Wrong(sequence), Oracle(sequence)], cost=FREE)
-
-    def tried(counts):
-        return sum(sum(v) for k, v in counts.items() if k.startswith("oracle"))
-
-    totals = []
-    for _ in range(2):
-        assert decoder.generate(ids, 20).tokens == reference.tokens
-        own = sum(c[0] for k, bins in decoder.calibrator._generation.items() if k.startswith("oracle")
-                  for c in bins.values())
-        totals.append(tried(decoder.calibrator.state_dict()["tried"]))
-        assert own == totals[-1] - (totals[-2] if len(totals) > 1 else 0) > 0
-
-
 # ----------------------------------------------------------------------------- sampling: lossless
 
 

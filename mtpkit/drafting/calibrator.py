@@ -8,11 +8,6 @@ value by ``prior_weight`` pseudo-trials, so it equals the raw confidence before 
 measured rate after many. Depth matters because a node's chance given its parent's acceptance is not
 the same at every depth: a copy that held for three tokens tends to hold for a fourth (a lookup's
 raw confidence is 1.0 at every depth of a single match), while a head further ahead is less sure.
-
-Within one generation (after ``start()``) that generation's own counts lead: the rate over all
-generations is the prior, worth ``generation_weight`` trials of this one. How well a lookup copies
-depends on the request far more than on its raw confidence (an extraction copies for tens of tokens,
-a poem not at all), so a copy that held twice in this answer is trusted more than the average says.
 """
 
 from __future__ import annotations
@@ -37,19 +32,12 @@ def _key(source: str, depth: int) -> str:
 class ConfidenceCalibrator:
     num_bins: int = 10
     prior_weight: float = 4.0
-    generation_weight: float = 2.0
     _tried: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False)
     _accepted: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False)
-    # this generation's own counts (None outside a generation): key -> bin -> [tried, accepted]
-    _generation: dict[str, dict[int, list[int]]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        if self.num_bins < 1 or self.prior_weight <= 0 or self.generation_weight <= 0:
-            raise MtpkitError("the calibrator needs num_bins >= 1, prior_weight > 0 and generation_weight > 0")
-
-    def start(self) -> None:
-        """A new generation: forget the previous one's own counts (the counts over all generations stay)."""
-        self._generation = {}
+        if self.num_bins < 1 or self.prior_weight <= 0:
+            raise MtpkitError("the calibrator needs num_bins >= 1 and prior_weight > 0")
 
     def bin(self, raw: float) -> int:
         return min(self.num_bins - 1, max(0, int(raw * self.num_bins)))
@@ -59,20 +47,12 @@ class ConfidenceCalibrator:
         b, key = self.bin(raw), _key(source, depth)
         tried = self._tried.get(key, [0] * self.num_bins)[b]
         accepted = self._accepted.get(key, [0] * self.num_bins)[b]
-        overall = (accepted + self.prior_weight * raw) / (tried + self.prior_weight)
-        if not self._generation or b not in self._generation.get(key, {}):
-            return overall
-        tried, accepted = self._generation[key][b]
-        return (accepted + self.generation_weight * overall) / (tried + self.generation_weight)
+        return (accepted + self.prior_weight * raw) / (tried + self.prior_weight)
 
     def record(self, source: str, raw: float, accepted: bool, depth: int = 1) -> None:
         b, key = self.bin(raw), _key(source, depth)
         self._tried.setdefault(key, [0] * self.num_bins)[b] += 1
         self._accepted.setdefault(key, [0] * self.num_bins)[b] += int(accepted)
-        if self._generation is not None:
-            counts = self._generation.setdefault(key, {}).setdefault(b, [0, 0])
-            counts[0] += 1
-            counts[1] += int(accepted)
 
     def observe(self, draft: "DraftTree", accepted_nodes: Sequence[int]) -> None:
         """Learn from one verification: ``accepted_nodes`` are the tree's accepted node indices, root first.
@@ -97,14 +77,12 @@ class ConfidenceCalibrator:
 
     def state_dict(self) -> dict:
         return {"num_bins": self.num_bins, "prior_weight": self.prior_weight,
-                "generation_weight": self.generation_weight,
                 "tried": {s: list(v) for s, v in self._tried.items()},
                 "accepted": {s: list(v) for s, v in self._accepted.items()}}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "ConfidenceCalibrator":
-        calibrator = cls(int(state["num_bins"]), float(state["prior_weight"]),
-                         float(state.get("generation_weight", cls.generation_weight)))
+        calibrator = cls(int(state["num_bins"]), float(state["prior_weight"]))
         calibrator._tried = {s: [int(x) for x in v] for s, v in state.get("tried", {}).items()}
         calibrator._accepted = {s: [int(x) for x in v] for s, v in state.get("accepted", {}).items()}
         return calibrator
