@@ -5,17 +5,26 @@ earlier responses that the heads directory carries (``corpus.parquet`` in it) or
 ``corpus``, relative to the directory); without one it learns from this run's outputs alone. The corpus
 index is built once per process and shared; what a decoder learns from its own outputs goes into an index
 of its own, so two decoders (two bench methods) never see each other's outputs.
+
+What the calibrator learned (how often each source's drafts were accepted) can be kept between runs
+(``remember=True``, as ``mtpkit generate`` does): under the cache, keyed like the tree calibration (base,
+heads weights, machine) and by draft set and greedy or sampling, so a one-prompt run starts from what
+earlier runs measured instead of the drafters' raw confidences. ``mtpkit bench`` starts afresh, so its
+figures do not depend on what ran before.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
-from mtpkit.calibrate import auto_tree, calibrate
+from mtpkit.backbone import cache_root
+from mtpkit.calibrate import auto_tree, calibrate, calibration_key
 from mtpkit.config import CORPUS_NAME, HeadsConfig
 from mtpkit.decoding import HeadsDrafter, SpeculativeDecoder
 from mtpkit.drafting.base import Drafter
+from mtpkit.drafting.calibrator import ConfidenceCalibrator
 from mtpkit.drafting.lookup import PromptLookup
 from mtpkit.drafting.suffix import SuffixDrafter, SuffixIndex
 from mtpkit.errors import MtpkitError
@@ -82,9 +91,34 @@ def make_drafters(sources, heads, heads_dir: Path | None, tree="auto") -> list[D
     return drafters
 
 
-def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="auto", **sampling):
+def acceptance_path(heads, draft: str, sampling: bool) -> Path:
+    """Where the calibrator's counts for these heads, this machine and this draft set are kept."""
+    return cache_root() / "acceptance" / f"{calibration_key(heads)}-{draft}-{'sampling' if sampling else 'greedy'}.json"
+
+
+def remembered_calibrator(path: Path) -> ConfidenceCalibrator | None:
+    """The calibrator kept at ``path``; None when there is none or it cannot be read (it is then learned anew)."""
+    try:
+        return ConfidenceCalibrator.from_state_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def remember_calibrator(decoder: SpeculativeDecoder, path: Path) -> None:
+    """Keep what ``decoder``'s calibrator learned (atomically; a decoder without one keeps nothing)."""
+    from mtpkit.checkpoint import atomic_write_text
+
+    calibrator = getattr(decoder, "calibrator", None)
+    if calibrator is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(calibrator.state_dict(), sort_keys=True) + "\n")
+
+
+def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="auto", remember: bool = False,
+                  **sampling):
     """The decoder for ``--draft``: the heads' static tree alone ("heads"), or a tree chosen per step from the
-    named sources, under this machine's measured forward costs (calibrated once, cached)."""
+    named sources, under this machine's measured forward costs (calibrated once, cached). With ``remember``
+    its calibrator starts from the counts ``remember_calibrator`` kept for the same heads, machine and drafts."""
     if draft not in DRAFTS:
         raise MtpkitError(f"unknown --draft {draft!r}: choose from {', '.join(DRAFTS)}")
     sources = DRAFTS[draft]
@@ -93,6 +127,9 @@ def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="au
     if draft == "heads":
         return SpeculativeDecoder(heads, tree, **sampling)
     calibration = calibrate(heads)
+    calibrator = None
+    if remember:
+        calibrator = remembered_calibrator(acceptance_path(heads, draft, sampling.get("temperature", 0.0) > 0))
     return SpeculativeDecoder(heads, drafters=make_drafters(sources, heads, heads_dir, tree),
-                              cost=calibration.forward_cost,
+                              cost=calibration.forward_cost, calibrator=calibrator,
                               draft_cost=calibration.draft_cost if "heads" in sources else 0.0, **sampling)

@@ -129,3 +129,39 @@ def test_generate_each_draft_source_is_greedy_and_traced(heads_dir, reference, t
             assert len(step["draft_sources"]) == len(step["draft_tokens"]) - 1
             assert all(sources and set(sources) <= expected for sources in step["draft_sources"])
     assert_one_line_error(run("generate", heads_dir, "--prompt", prompt, "--draft", "everything"), "--draft")
+
+
+def test_generate_remembers_what_the_calibrator_learned(heads_dir, reference, tmp_path):
+    """A second run starts from the first run's acceptance counts (kept under the cache) and adds its own; the
+    counts are kept per draft set, and a damaged file is learned anew."""
+    import shutil
+
+    from mtpkit.backbone import cache_root
+
+    folder = cache_root() / "acceptance"
+    shutil.rmtree(folder, ignore_errors=True)
+
+    def kept():
+        return sorted(p.name.split("-", 1)[1] for p in folder.glob("*.json"))
+
+    def tried():
+        state = json.loads(next(folder.glob("*-hybrid-greedy.json")).read_text())
+        return sum(sum(bins) for bins in state["tried"].values())
+
+    # the repeated prompt gives prompt lookup matches to draft (random heads seldom pay for themselves)
+    result = run("generate", heads_dir, "--prompt", "one two one two one two one two", "--max-new-tokens", 12)
+    assert result.exit_code == 0, result.output
+    first = tried()
+    assert first > 0
+    # one new token is the prefill's own: no step, nothing tried; the kept counts come back unchanged (a
+    # calibrator that started afresh would keep zeros)
+    assert run("generate", heads_dir, "--prompt", "hi", "--max-new-tokens", 1).exit_code == 0
+    assert tried() == first
+    assert run("generate", heads_dir, "--prompt", "one two one two one two one two", "--max-new-tokens", 12).exit_code == 0
+    assert tried() > first
+    assert kept() == ["hybrid-greedy.json"]
+    assert run("generate", heads_dir, "--prompt", "hi", "--max-new-tokens", 4, "--draft", "heads").exit_code == 0
+    assert kept() == ["hybrid-greedy.json"]  # the heads' static tree has no calibrator
+    next(folder.glob("*.json")).write_text("{broken")
+    assert run("generate", heads_dir, "--prompt", "hi", "--max-new-tokens", 4).exit_code == 0
+    assert tried() > 0  # learned anew and kept

@@ -409,7 +409,7 @@ def test_suffix_decoder_from_a_heads_directory_corpus(tmp_path, tiny_backbone):
     decoder = build_decoder(heads, tmp_path, "suffix")
     result = decoder.generate(ids, 40)
     assert result.tokens == reference.tokens
-    assert result.mean_accepted_tokens > 4.0
+    assert result.mean_accepted_tokens > 3.0  # ~1 without the corpus; tree sizes follow this machine's costs
     # without the corpus, the suffix drafter learns from its own outputs: the second run drafts from the first
     alone = build_decoder(heads, tmp_path / "elsewhere", "suffix")
     first, second = alone.generate(ids, 40), alone.generate(ids, 40)

@@ -91,7 +91,7 @@ def generate(
     from mtpkit.checkpoint import open_heads
     from mtpkit.config import HeadsConfig
     from mtpkit.decoding import TextStream, check_sampling, encode_prompt
-    from mtpkit.draft_sources import DRAFTS, build_decoder
+    from mtpkit.draft_sources import DRAFTS, acceptance_path, build_decoder, remember_calibrator
     from mtpkit.kernels import enable_fast_kernels
     from mtpkit.tree import load_tree_file
 
@@ -115,8 +115,8 @@ def generate(
             enable_fast_kernels(heads)  # the draft layers run on few rows too
     with console.status("calibrating for this machine" if tree_spec == "auto" or draft != "heads"
                         else "building the tree"):
-        decoder = build_decoder(heads, heads_dir, draft, tree_spec, temperature=temperature, top_p=top_p,
-                                top_k=top_k, typical=typical, seed=seed)
+        decoder = build_decoder(heads, heads_dir, draft, tree_spec, remember=True, temperature=temperature,
+                                top_p=top_p, top_k=top_k, typical=typical, seed=seed)
 
     results = []
     try:
@@ -131,6 +131,8 @@ def generate(
     finally:
         if trace_file is not None:
             trace_file.close()
+        if draft != "heads":  # what this run's acceptances taught the calibrator, for the next run
+            remember_calibrator(decoder, acceptance_path(heads, draft, temperature > 0))
     console.print(_summary(results, f"mtpkit generate: {heads.config.style} x{heads.num_heads}, "
                                     f"{decoder.describe()}"))
 
