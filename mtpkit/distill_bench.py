@@ -2,8 +2,9 @@
 
 Training on self-distilled data needs, per sequence, the base's response and the base's hidden states of
 prompt + response. The loop before the data engine produced them in two passes: batched generation (64
-rows), then a second forward over every finished sequence (``mtpkit.train.compute_hidden``). The data
-engine keeps the states as generation computes them. Every configuration runs the same code the product
+rows) on transformers' concatenating KV cache, then a second forward over every finished sequence
+(``mtpkit.train.compute_hidden``). The data engine keeps the states as generation computes them and
+appends to its KV cache in place (``mtpkit.kv_cache``); the middle configuration shows the first gain alone. Every configuration runs the same code the product
 runs (``mtpkit.generation.generate``, ``mtpkit.train.compute_hidden``), interleaved round by round on the same
 prompts, so load from other processes falls on all of them alike; only ratios measured in one run count.
 
@@ -34,6 +35,7 @@ class Config:
     name: str
     batch_size: int
     keep_hidden: bool  # states from generation; False: a second forward over the finished sequences
+    in_place: bool  # the KV cache appends in place; False: transformers' concatenating cache
 
 
 def native_bfloat16(device: torch.device) -> tuple[bool, str]:
@@ -56,7 +58,7 @@ def _run(backbone: Backbone, prompts: list[list[int]], max_new_tokens: int, conf
     start, tokens = time.perf_counter(), 0
     for first in range(0, len(prompts), config.batch_size):
         batch = prompts[first:first + config.batch_size]
-        made = generate(backbone, batch, max_new_tokens, keep_hidden=config.keep_hidden)
+        made = generate(backbone, batch, max_new_tokens, keep_hidden=config.keep_hidden, in_place=config.in_place)
         tokens += sum(len(r) for r in made.responses)
         if not config.keep_hidden:
             sequences = [TokenizedExample(p + r, len(p)) for p, r in zip(batch, made.responses)]
@@ -102,8 +104,10 @@ def main(
     records = load_builtin("train")[:prompts]
     ids = sorted((prompt_ids(backbone.tokenizer, Example("prompt", [{"role": "user", "content": r["prompt"]}]))
                   for r in records), key=len, reverse=True)
-    configs = [Config(f"two passes, batch {TODAY_BATCH}", TODAY_BATCH, False)]
-    configs += [Config(f"states kept, batch {b}", b, True) for b in sorted({int(x) for x in batch_sizes.split(",")})]
+    configs = [Config(f"two passes, batch {TODAY_BATCH}", TODAY_BATCH, False, False),
+               Config(f"states kept, batch {TODAY_BATCH}, concatenating cache", TODAY_BATCH, True, False)]
+    configs += [Config(f"states kept, batch {b}, in-place cache", b, True, True)
+                for b in sorted({int(x) for x in batch_sizes.split(",")})]
     bf16, evidence = native_bfloat16(backbone.device)
     with console.status(f"{len(configs)} configurations x {rounds} rounds on {len(ids)} prompts"):
         result = compare(backbone, ids, max_new_tokens, configs, rounds)

@@ -155,7 +155,7 @@ def test_self_prompts_give_up_with_one_line_when_nothing_usable_comes(tiny_backb
 def test_distillation_bench_times_every_configuration_on_the_same_prompts(tiny_backbone):
     from mtpkit.distill_bench import Config, compare, native_bfloat16
 
-    configs = [Config("two passes", 2, False), Config("kept", 3, True)]
+    configs = [Config("two passes", 2, False, False), Config("kept", 3, True, True)]
     result = compare(tiny_backbone, [[5, 6, 7], [8, 9], [10, 11, 12, 13]], 4, configs, rounds=2)
     assert set(result["tokens_per_second"]) == {"two passes", "kept"}
     assert all(len(v) == 2 and all(x > 0 for x in v) for v in result["samples"].values())
