@@ -44,6 +44,7 @@ from mtpkit.drafting.merge import best_path, cut_depth, merge_candidates, select
 from mtpkit.errors import MtpkitError
 from mtpkit.generation import eos_ids
 from mtpkit.heads import DraftHeads
+from mtpkit.kv_cache import GrowingLayer, decoder_cache
 from mtpkit.tree import Tree, build_tree, chain_choices, load_tree_file
 
 TYPICAL_THRESHOLD = 0.09  # Medusa's posterior_threshold (epsilon)
@@ -214,26 +215,13 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def decoder_cache(backbone: Backbone):
-    """The KV cache every decoding path runs on: transformers' ``DynamicCache`` for the model, with a full
-    ``DynamicLayer`` in place of each sliding-window layer, so any attention layer can be cropped and
-    index-selected at any length. The model still applies its window, through its own mask (ours for trees);
-    the price is memory: a sliding layer then keeps every position, not just its window."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-    cache = DynamicCache(config=backbone.config)
-    # a sliding layer keeps only its last window - 1 positions and refuses to roll back once it is full
-    cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
-    return cache
-
-
 def rollback_problem(cache) -> str | None:
     """Why speculative decoding cannot roll ``cache`` back to an accepted path (None if it can)."""
     from transformers.cache_utils import DummyLayer, DynamicLayer
 
     # per-token KV can be cropped and index-selected; recurrent or conv states fold in every token they saw
-    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) not in (DynamicLayer, DummyLayer)})
+    kinds = sorted({type(layer).__name__ for layer in cache.layers
+                    if type(layer) not in (DynamicLayer, GrowingLayer, DummyLayer)})
     return f"its {', '.join(kinds)} cache layers cannot be rolled back to a verified prefix" if kinds else None
 
 

@@ -9,13 +9,17 @@ and grows its buffer geometrically (by ``GROWTH``), so a token costs a write of 
 ``crop`` and ``batch_select_indices`` keep their meaning (a selection copies once, then appending goes on in
 a new buffer). The model's forward, masks and attention are untouched: they see tensors of the same shape
 and values as before, only strided.
+
+Batched generation (``mtpkit.generation``) and every decoding path (``decoder_cache``: plain greedy and
+speculative decoding, whose rollback writes the accepted path in place and crops) run on it; transformers'
+own methods in ``mtpkit bench`` (hf-greedy, hf-pld) keep transformers' cache.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 GROWTH = 1.5  # a full buffer is replaced by one this much longer (plus MIN_ROOM): amortised O(1) per token
 MIN_ROOM = 64
@@ -70,4 +74,17 @@ def growing_cache() -> DynamicCache:
     """A ``DynamicCache`` whose layers (created as the model first writes to them) are ``GrowingLayer``s."""
     cache = DynamicCache()
     cache.layer_class_to_replicate = GrowingLayer
+    return cache
+
+
+def decoder_cache(backbone) -> DynamicCache:
+    """The KV cache every decoding path runs on: transformers' ``DynamicCache`` for the model, with a full
+    ``GrowingLayer`` in place of each attention layer (sliding-window ones included), so any attention layer
+    can be cropped and index-selected at any length and appends in place. The model still applies its window,
+    through its own mask (ours for trees); the price is memory: a sliding layer then keeps every position, not
+    just its window. Other layer kinds (recurrent states) stay as the model made them."""
+    cache = DynamicCache(config=backbone.config)
+    # a sliding layer keeps only its last window - 1 positions and refuses to roll back once it is full
+    cache.layers = [GrowingLayer() if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
+                    for layer in cache.layers]
     return cache

@@ -254,5 +254,5 @@ def test_rollback_problem_on_cache_objects(tiny_tokenizer):
                                        "verified prefix")
     ours = decoder_cache(gemma)
     assert rollback_problem(ours) is None
-    assert [type(layer).__name__ for layer in ours.layers] == ["DynamicLayer"] * 3
+    assert [type(layer).__name__ for layer in ours.layers] == ["GrowingLayer"] * 3
     assert rollback_problem(DynamicCache(config=make_model("llama", len(tiny_tokenizer)).config)) is None
