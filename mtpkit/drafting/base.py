@@ -5,11 +5,7 @@ one is the *root* of the next tree, the base's own next token) and proposes draf
 it as a small trie: node i holds ``tokens[i]``, hangs under ``parents[i]`` (-1: under the root)
 and carries ``confidences[i]``, the drafter's estimate of P(node accepted | its parent accepted).
 A path's chance of being accepted is then the product of its nodes' confidences, which is what
-``mtpkit.drafting.merge`` ranks nodes by. ``runs[i]`` says how much evidence stands behind node i:
-for a drafter that copies (prompt lookup, the suffix index) the number of tokens right before it that
-already agree with the text it copies from (the matched context, then its ancestors); for the heads,
-its depth. The calibrator learns acceptance per run length: a copy that has held for twenty tokens,
-committed or drafted, holds far more often than one that matched two.
+``mtpkit.drafting.merge`` ranks nodes by.
 """
 
 from __future__ import annotations
@@ -29,7 +25,6 @@ class Candidates:
     parents: tuple[int, ...] = ()
     confidences: tuple[float, ...] = ()
     sources: tuple[str, ...] = ()
-    runs: tuple[int, ...] | None = None  # None: each node's depth
 
     def __post_init__(self):
         n = len(self.tokens)
@@ -40,13 +35,6 @@ class Candidates:
                 raise MtpkitError(f"candidate {i} has parent {parent}: a parent must come before its child")
         if any(not 0.0 <= c <= 1.0 for c in self.confidences):
             raise MtpkitError("candidate confidences must lie in [0, 1]")
-        if self.runs is None:
-            depths: list[int] = []
-            for parent in self.parents:
-                depths.append(1 if parent < 0 else depths[parent] + 1)
-            object.__setattr__(self, "runs", tuple(depths))
-        elif len(self.runs) != n or any(r < 1 for r in self.runs):
-            raise MtpkitError("candidates need one run length >= 1 per token")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -78,10 +66,8 @@ class Drafter(Protocol):
 Children = Callable[[Any], Iterable[tuple[int, int, Any]]]
 
 
-def best_first(root: Any, children: Children, max_depth: int, max_nodes: int, source: str,
-               matched: int = 0) -> Candidates:
-    """The ``max_nodes`` most probable nodes of a count trie, parents first (EAGLE-2's expansion), whose
-    root continues ``matched`` context tokens that agree with the copied text (a node's run: that plus its depth).
+def best_first(root: Any, children: Children, max_depth: int, max_nodes: int, source: str) -> Candidates:
+    """The ``max_nodes`` most probable nodes of a count trie, parents first (EAGLE-2's expansion).
 
     A child's confidence is its count over the summed counts of its siblings (occurrences that stop,
     at a document's end or at the context's end, say nothing about what follows); a path's
@@ -112,8 +98,5 @@ def best_first(root: Any, children: Children, max_depth: int, max_nodes: int, so
         chosen_confidences.append(confidence)
         if len(chosen_tokens) < max_nodes:
             push(handle, index, path, -negative)
-    runs: list[int] = []
-    for parent in chosen_parents:
-        runs.append(matched + 1 if parent < 0 else runs[parent] + 1)
     return Candidates(tuple(chosen_tokens), tuple(chosen_parents), tuple(chosen_confidences),
-                      (source,) * len(chosen_tokens), tuple(runs))
+                      (source,) * len(chosen_tokens))

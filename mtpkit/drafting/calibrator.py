@@ -1,14 +1,13 @@
 """How far to trust each drafter's confidence: acceptance rates measured in bins of raw confidence.
 
 A drafter's raw confidence (a head's softmax probability, a lookup's match frequency) is rarely
-the real chance that the base accepts the token. Per source, per run length (``mtpkit.drafting.base``:
-a head's depth, a copy's agreeing tokens before it; 1, 2, 3, then 4-7, 8-15, 16-31 and 32 or more)
-and per bin of raw confidence the calibrator counts proposed nodes that were tried (their parent was
-accepted) and accepted; the calibrated probability is that rate, pulled toward the raw value by
-``prior_weight`` pseudo-trials, so it equals the raw confidence before any step and the measured rate
-after many. The run matters because a node's chance given its parent's acceptance is not the same at
-every length: a copy that held for twenty tokens tends to hold for one more (a lookup's raw confidence
-is 1.0 for any single match), while a head further ahead is less sure.
+the real chance that the base accepts the token. Per source, per depth in the tree (1, 2, 3, 4 and
+deeper) and per bin of raw confidence the calibrator counts proposed nodes that were tried (their
+parent was accepted) and accepted; the calibrated probability is that rate, pulled toward the raw
+value by ``prior_weight`` pseudo-trials, so it equals the raw confidence before any step and the
+measured rate after many. Depth matters because a node's chance given its parent's acceptance is not
+the same at every depth: a copy that held for three tokens tends to hold for a fourth (a lookup's
+raw confidence is 1.0 at every depth of a single match), while a head further ahead is less sure.
 """
 
 from __future__ import annotations
@@ -22,17 +21,11 @@ if TYPE_CHECKING:
     from mtpkit.drafting.merge import DraftTree
 
 
-LONGEST_RUN_BUCKET = 32  # runs 1, 2, 3, 4-7, 8-15, 16-31 and 32-or-longer are calibrated apart
+MAX_DEPTH_BUCKET = 4  # depths 1, 2, 3 and 4-or-deeper are calibrated apart
 
 
-def run_bucket(run: int) -> int:
-    """The smallest run of ``run``'s bucket: itself below 4, then the power of two at or below it."""
-    run = max(run, 1)
-    return run if run < 4 else min(1 << (run.bit_length() - 1), LONGEST_RUN_BUCKET)
-
-
-def _key(source: str, run: int) -> str:
-    return f"{source}@{run_bucket(run)}"
+def _key(source: str, depth: int) -> str:
+    return f"{source}@{min(max(depth, 1), MAX_DEPTH_BUCKET)}"
 
 
 @dataclass
@@ -49,15 +42,15 @@ class ConfidenceCalibrator:
     def bin(self, raw: float) -> int:
         return min(self.num_bins - 1, max(0, int(raw * self.num_bins)))
 
-    def calibrate(self, source: str, raw: float, run: int = 1) -> float:
-        """P(accepted | parent accepted) for a node ``source`` proposed with run length ``run``, confidence ``raw``."""
-        b, key = self.bin(raw), _key(source, run)
+    def calibrate(self, source: str, raw: float, depth: int = 1) -> float:
+        """P(accepted | parent accepted) for a node ``source`` proposed at ``depth`` with confidence ``raw``."""
+        b, key = self.bin(raw), _key(source, depth)
         tried = self._tried.get(key, [0] * self.num_bins)[b]
         accepted = self._accepted.get(key, [0] * self.num_bins)[b]
         return (accepted + self.prior_weight * raw) / (tried + self.prior_weight)
 
-    def record(self, source: str, raw: float, accepted: bool, run: int = 1) -> None:
-        b, key = self.bin(raw), _key(source, run)
+    def record(self, source: str, raw: float, accepted: bool, depth: int = 1) -> None:
+        b, key = self.bin(raw), _key(source, depth)
         self._tried.setdefault(key, [0] * self.num_bins)[b] += 1
         self._accepted.setdefault(key, [0] * self.num_bins)[b] += int(accepted)
 
@@ -68,14 +61,16 @@ class ConfidenceCalibrator:
         """
         accepted = set(accepted_nodes)
         parents = draft.tree.parents.tolist()
+        depths = [0] * len(parents)
         for node in range(1, len(parents)):
+            depths[node] = depths[parents[node]] + 1
             if parents[node] in accepted:
-                for source, raw, run in zip(draft.sources[node], draft.raw_confidences[node], draft.runs[node]):
-                    self.record(source, raw, node in accepted, run)
+                for source, raw in zip(draft.sources[node], draft.raw_confidences[node]):
+                    self.record(source, raw, node in accepted, depths[node])
 
-    def acceptance_rates(self, source: str, run: int = 1) -> list[float | None]:
-        """Measured acceptance rate per bin for run length ``run`` (None where nothing was tried)."""
-        key = _key(source, run)
+    def acceptance_rates(self, source: str, depth: int = 1) -> list[float | None]:
+        """Measured acceptance rate per bin at ``depth`` (None where nothing was tried)."""
+        key = _key(source, depth)
         tried = self._tried.get(key, [0] * self.num_bins)
         accepted = self._accepted.get(key, [0] * self.num_bins)
         return [a / t if t else None for a, t in zip(accepted, tried)]

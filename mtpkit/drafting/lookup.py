@@ -3,9 +3,7 @@
 The context's last n tokens (longest n first, ``max_ngram`` down to ``min_ngram``) are looked up
 among all earlier n-grams; what followed each earlier occurrence becomes a branch of a trie, so
 several matches give several distinct continuations. The index (n-gram -> positions after it) is
-extended as tokens are committed: a step costs O(new tokens + matches x (max_tokens + max_run)), never a
-rescan. How far back the context agrees with the best match (up to ``max_run`` tokens) is the drafts' run
-length, which the calibrator reads: a long copy in progress is trusted more than a fresh two-token match.
+extended as tokens are committed: a step costs O(new tokens + matches x max_tokens), never a rescan.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ class PromptLookup:
     max_ngram: int = 4
     max_tokens: int = 10
     max_matches: int = 16
-    max_run: int = 64
     name: str = "lookup"
     _tokens: list[int] = field(default_factory=list, init=False, repr=False)
     # n-gram (a tuple, its length is n) -> positions of the token right after each occurrence
@@ -69,17 +66,7 @@ class PromptLookup:
                     groups.setdefault(tokens[start + depth], []).append(start)
             return [(token, len(group), (depth + 1, group)) for token, group in groups.items()]
 
-        return best_first((0, matches), children, self.max_tokens, budget, self.name, self.run_length(matches))
-
-    def run_length(self, matches: Sequence[int]) -> int:
-        """How many of the last tokens agree with those before the best match (at most ``max_run``)."""
-        tokens, end, best = self._tokens, len(self._tokens), 0
-        for start in matches:
-            run = 0
-            while run < min(self.max_run, start) and tokens[start - 1 - run] == tokens[end - 1 - run]:
-                run += 1
-            best = max(best, run)
-        return best
+        return best_first((0, matches), children, self.max_tokens, budget, self.name)
 
     def matches(self) -> list[int]:
         """Positions right after the earlier occurrences of the longest matching suffix n-gram, newest first."""

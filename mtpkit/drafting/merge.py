@@ -1,8 +1,7 @@
 """Several drafters' candidates as one trie, and the part of it worth verifying (EAGLE-2's rule).
 
 ``merge_candidates`` joins identical token paths (a prefix proposed by two drafters is verified
-once) and keeps, per node, every source with its raw confidence and run length (see
-``mtpkit.drafting.base``) and the largest calibrated confidence.
+once) and keeps, per node, every source with its raw confidence and the largest calibrated one.
 ``select_tree`` scores each node by its path's acceptance probability (the product of calibrated
 confidences from the root), adds nodes best first (a node only after its parent), and keeps the
 size n that maximises expected tokens per second, (1 + sum of chosen path probabilities) /
@@ -25,14 +24,13 @@ from mtpkit.tree import Tree, _interpolate, tree_from_parents
 
 @dataclass(frozen=True)
 class DraftTrie:
-    """Merged candidates, parent-first; per node its sources, their raw confidences and run lengths (aligned)."""
+    """Merged candidates, parent-first; per node its sources and their raw confidences (aligned)."""
 
     tokens: tuple[int, ...]
     parents: tuple[int, ...]
     confidences: tuple[float, ...]  # calibrated, the largest over the node's sources
     sources: tuple[tuple[str, ...], ...]
     raw_confidences: tuple[tuple[float, ...], ...]
-    runs: tuple[tuple[int, ...], ...]
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -50,22 +48,20 @@ class DraftTree:
     confidences: tuple[float, ...]
     sources: tuple[tuple[str, ...], ...]
     raw_confidences: tuple[tuple[float, ...], ...]
-    runs: tuple[tuple[int, ...], ...]
     expected_tokens: float
     tokens_per_second: float
 
 
 def merge_candidates(candidates: Sequence[Candidates], calibrator: ConfidenceCalibrator | None = None) -> DraftTrie:
-    """One trie of all candidates: node = (parent node, token); sources, raw confidences and runs gathered
-    (a source that proposed a node twice keeps its more confident proposal)."""
+    """One trie of all candidates: node = (parent node, token); sources and raw confidences gathered."""
     tokens: list[int] = []
     parents: list[int] = []
-    raw: list[dict[str, tuple[float, int]]] = []
+    raw: list[dict[str, float]] = []
     index: dict[tuple[int, int], int] = {}
     for proposal in candidates:
         merged_as: list[int] = []
-        for token, parent, confidence, source, run in zip(proposal.tokens, proposal.parents, proposal.confidences,
-                                                          proposal.sources, proposal.runs):
+        for token, parent, confidence, source in zip(proposal.tokens, proposal.parents, proposal.confidences,
+                                                     proposal.sources):
             key = (merged_as[parent] if parent >= 0 else -1, token)
             node = index.get(key)
             if node is None:
@@ -73,17 +69,19 @@ def merge_candidates(candidates: Sequence[Candidates], calibrator: ConfidenceCal
                 tokens.append(token)
                 parents.append(key[0])
                 raw.append({})
-            if source not in raw[node] or confidence > raw[node][source][0]:
-                raw[node][source] = (confidence, run)
+            raw[node][source] = max(confidence, raw[node].get(source, 0.0))
             merged_as.append(node)
 
-    def calibrated(source: str, value: float, run: int) -> float:
-        return value if calibrator is None else calibrator.calibrate(source, value, run)
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+
+    def calibrated(source: str, value: float, depth: int) -> float:
+        return value if calibrator is None else calibrator.calibrate(source, value, depth)
 
     return DraftTrie(tuple(tokens), tuple(parents),
-                     tuple(max(calibrated(s, v, r) for s, (v, r) in node.items()) for node in raw),
-                     tuple(tuple(node) for node in raw), tuple(tuple(v for v, _ in node.values()) for node in raw),
-                     tuple(tuple(r for _, r in node.values()) for node in raw))
+                     tuple(max(calibrated(s, v, d) for s, v in node.items()) for node, d in zip(raw, depths)),
+                     tuple(tuple(node) for node in raw), tuple(tuple(node.values()) for node in raw))
 
 
 def cut_depth(trie: DraftTrie, max_depth: int) -> DraftTrie:
@@ -100,7 +98,7 @@ def cut_depth(trie: DraftTrie, max_depth: int) -> DraftTrie:
     return DraftTrie(tuple(trie.tokens[n] for n in kept),
                      tuple(-1 if trie.parents[n] < 0 else renumbered[trie.parents[n]] for n in kept),
                      tuple(trie.confidences[n] for n in kept), tuple(trie.sources[n] for n in kept),
-                     tuple(trie.raw_confidences[n] for n in kept), tuple(trie.runs[n] for n in kept))
+                     tuple(trie.raw_confidences[n] for n in kept))
 
 
 def best_path(trie: DraftTrie) -> DraftTrie:
@@ -114,7 +112,7 @@ def best_path(trie: DraftTrie) -> DraftTrie:
         path.append(node)
     return DraftTrie(tuple(trie.tokens[n] for n in path), tuple(range(-1, len(path) - 1)),
                      tuple(trie.confidences[n] for n in path), tuple(trie.sources[n] for n in path),
-                     tuple(trie.raw_confidences[n] for n in path), tuple(trie.runs[n] for n in path))
+                     tuple(trie.raw_confidences[n] for n in path))
 
 
 def select_tree(trie: DraftTrie, root_token: int, cost: dict[int, float], draft_cost: float = 0.0,
@@ -166,5 +164,4 @@ def select_tree(trie: DraftTrie, root_token: int, cost: dict[int, float], draft_
         confidences=(1.0,) + tuple(trie.confidences[n] for n in drafted),
         sources=((),) + tuple(trie.sources[n] for n in drafted),
         raw_confidences=((),) + tuple(trie.raw_confidences[n] for n in drafted),
-        runs=((),) + tuple(trie.runs[n] for n in drafted),
         expected_tokens=best_expected, tokens_per_second=best_rate)

@@ -172,7 +172,7 @@ class SuffixIndex:
         state, matched = self.match(context)
         if not matched or max_nodes < 1 or max_depth < 1:
             return Candidates()
-        return best_first(state, self._children, max_depth, max_nodes, source, matched)
+        return best_first(state, self._children, max_depth, max_nodes, source)
 
     def _children(self, state: int) -> list[tuple[int, int, int]]:
         count = self._count
