@@ -7,7 +7,7 @@ index is built once per process and shared; what a decoder learns from its own o
 of its own, so two decoders (two bench methods) never see each other's outputs.
 
 What the calibrator learned (how often each source's drafts were accepted) can be kept between runs
-(``remember=True``, as ``mtpkit generate`` does): under the cache, keyed like the tree calibration (base,
+(``remember=acceptance_path(...)``, as ``mtpkit generate`` does): under the cache, keyed like the tree calibration (base,
 heads weights, machine) and by draft set and greedy or sampling, so a one-prompt run starts from what
 earlier runs measured instead of the drafters' raw confidences. ``mtpkit bench`` starts afresh, so its
 figures do not depend on what ran before.
@@ -114,11 +114,11 @@ def remember_calibrator(decoder: SpeculativeDecoder, path: Path) -> None:
         atomic_write_text(path, json.dumps(calibrator.state_dict(), sort_keys=True) + "\n")
 
 
-def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="auto", remember: bool = False,
+def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="auto", remember: Path | None = None,
                   **sampling):
     """The decoder for ``--draft``: the heads' static tree alone ("heads"), or a tree chosen per step from the
-    named sources, under this machine's measured forward costs (calibrated once, cached). With ``remember``
-    its calibrator starts from the counts ``remember_calibrator`` kept for the same heads, machine and drafts."""
+    named sources, under this machine's measured forward costs (calibrated once, cached). With ``remember`` (an
+    ``acceptance_path``) its calibrator starts from the counts ``remember_calibrator`` kept there."""
     if draft not in DRAFTS:
         raise MtpkitError(f"unknown --draft {draft!r}: choose from {', '.join(DRAFTS)}")
     sources = DRAFTS[draft]
@@ -127,9 +127,7 @@ def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="au
     if draft == "heads":
         return SpeculativeDecoder(heads, tree, **sampling)
     calibration = calibrate(heads)
-    calibrator = None
-    if remember:
-        calibrator = remembered_calibrator(acceptance_path(heads, draft, sampling.get("temperature", 0.0) > 0))
+    calibrator = None if remember is None else remembered_calibrator(remember)
     return SpeculativeDecoder(heads, drafters=make_drafters(sources, heads, heads_dir, tree),
                               cost=calibration.forward_cost, calibrator=calibrator,
                               draft_cost=calibration.draft_cost if "heads" in sources else 0.0, **sampling)

@@ -115,7 +115,8 @@ def generate(
             enable_fast_kernels(heads)  # the draft layers run on few rows too
     with console.status("calibrating for this machine" if tree_spec == "auto" or draft != "heads"
                         else "building the tree"):
-        decoder = build_decoder(heads, heads_dir, draft, tree_spec, remember=True, temperature=temperature,
+        kept = None if draft == "heads" else acceptance_path(heads, draft, temperature > 0)  # calibrator counts
+        decoder = build_decoder(heads, heads_dir, draft, tree_spec, remember=kept, temperature=temperature,
                                 top_p=top_p, top_k=top_k, typical=typical, seed=seed)
 
     results = []
@@ -131,8 +132,8 @@ def generate(
     finally:
         if trace_file is not None:
             trace_file.close()
-        if draft != "heads":  # what this run's acceptances taught the calibrator, for the next run
-            remember_calibrator(decoder, acceptance_path(heads, draft, temperature > 0))
+        if kept is not None:  # what this run's acceptances taught the calibrator, for the next run
+            remember_calibrator(decoder, kept)
     console.print(_summary(results, f"mtpkit generate: {heads.config.style} x{heads.num_heads}, "
                                     f"{decoder.describe()}"))
 
