@@ -136,7 +136,7 @@ finetune.__signature__ = inspect.Signature(_fixed + _option_parameters())
 def render(result) -> None:
     config = result.config
     summary = Table(title=f"mtpkit finetune: {config.style} x{config.num_heads} on {config.base_model}", show_header=False)
-    shapes = ", ".join(f"{n} {shape}" for shape, n in sorted(result.dataset.shapes.items()))
+    shapes = ", ".join(f"{n:,} {shape} records" for shape, n in sorted(result.dataset.shapes.items()))
     summary.add_row("data", f"{', '.join(config.training['data'])} ({shapes})")
     summary.add_row("sequences", f"{result.train_sequences} train, {result.eval_sequences} held out")
     if result.distill is not None:
