@@ -24,13 +24,14 @@ from mtpkit.draft_layer import append_keys
 from mtpkit.heads import DraftHeads
 from mtpkit.kernels import synchronize
 from mtpkit.targets import conditioning_tokens, head_targets
-from mtpkit.tree import MAX_RANK, expected_tokens, greedy_tree
+from mtpkit.tree import MAX_RANK, expected_tokens, greedy_tree, monotone_cost
 
 FORWARD_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 CALIBRATION_PROMPTS = 4
 CALIBRATION_TOKENS = 32
 DRAFT_CONTEXT = 128  # committed positions in the eagle draft cache while its drafting is timed
-FORMAT_VERSION = 3  # 2: draft costs on the base's kernels; 3: keyed by the measured layout of each layer shape
+FORMAT_VERSION = 4  # 2: draft costs on the base's kernels; 3: keyed by the measured layout of each layer shape;
+# 4: forward costs made non-decreasing in n
 
 
 @dataclass
@@ -147,14 +148,15 @@ def measure_head_accuracy(heads: DraftHeads, prompts: int = CALIBRATION_PROMPTS,
     return (hits / counts.clamp(min=1).unsqueeze(-1)).tolist()
 
 
-def measure_forward_cost(backbone: Backbone, sizes=FORWARD_SIZES, context: int = 128, repeats: int = 3) -> dict[int, float]:
-    """Median seconds of a base forward over n tokens after ``context`` cached ones (mtpkit.kernels' if present)."""
+def measure_forward_cost(backbone: Backbone, sizes=FORWARD_SIZES, context: int = 128, repeats: int = 5) -> dict[int, float]:
+    """Median seconds of a base forward over n tokens after ``context`` cached ones (mtpkit.kernels' if present),
+    made non-decreasing in n (``monotone_cost``)."""
     from mtpkit import kernels
 
     if backbone.max_context is not None:
         context = max(1, min(context, backbone.max_context - max(sizes) - 1))
     measured = kernels.measure_forward_cost(backbone, list(sizes), context=context, repeats=repeats)
-    return {int(n): float(s) for n, s in measured.items()}
+    return monotone_cost({int(n): float(s) for n, s in measured.items()})
 
 
 @torch.inference_mode()

@@ -283,8 +283,8 @@ def test_suffix_index_file_round_trip(tmp_path):
 # --------------------------------------------------------------------------- merged tree
 
 
-LOOKUP = Candidates((3, 4, 6), (-1, -1, 0), (0.6, 0.3, 0.5), ("lookup",) * 3)
-SUFFIX = Candidates((3, 6, 9, 2), (-1, 0, 1, -1), (0.8, 0.7, 0.4, 0.1), ("suffix",) * 4)
+LOOKUP = Candidates((3, 4, 6), (-1, -1, 0), (0.5, 0.3, 0.5), ("lookup",) * 3)
+SUFFIX = Candidates((3, 6, 9, 2), (-1, 0, 1, -1), (0.6, 0.7, 0.4, 0.1), ("suffix",) * 4)
 
 
 def test_merge_joins_identical_paths_and_keeps_every_source():
@@ -292,15 +292,25 @@ def test_merge_joins_identical_paths_and_keeps_every_source():
     assert trie.tokens == (3, 4, 6, 9, 2)
     assert trie.parents == (-1, -1, 0, 2, -1)
     assert trie.sources == (("lookup", "suffix"), ("lookup",), ("lookup", "suffix"), ("suffix",), ("suffix",))
-    assert trie.raw_confidences == ((0.6, 0.8), (0.3,), (0.5, 0.7), (0.4,), (0.1,))
-    assert trie.confidences == (0.8, 0.3, 0.7, 0.4, 0.1)  # the largest
+    assert trie.raw_confidences == ((0.5, 0.6), (0.3,), (0.5, 0.7), (0.4,), (0.1,))
+    assert trie.confidences == (0.6, 0.3, 0.7, 0.4, 0.1)  # the largest
     assert len(merge_candidates([])) == 0
+
+
+def test_siblings_chances_never_add_up_to_more_than_one():
+    """At most one child of a node is accepted: siblings whose chances sum past 1 are scaled to sum to 1."""
+    heads = Candidates((5, 6, 7), (-1, -1, 0), (0.7, 0.2, 0.9), ("heads",) * 3)
+    lookup = Candidates((8,), (-1,), (0.6,), ("lookup",))
+    trie = merge_candidates([heads, lookup])
+    assert trie.tokens == (5, 6, 7, 8)
+    assert trie.confidences == pytest.approx((0.7 / 1.5, 0.2 / 1.5, 0.9, 0.6 / 1.5))
+    assert merge_candidates([heads]).confidences == pytest.approx((0.7, 0.2, 0.9))  # 0.9 <= 1: kept
 
 
 def test_selected_tree_buffers_match_hand_written_values():
     trie = merge_candidates([LOOKUP, SUFFIX])
     draft = select_tree(trie, root_token=42, cost={1: 1.0, 8: 1.0})  # a flat cost: every node pays
-    # depth 1 by confidence, not by token: 3 (0.8), 4 (0.3), 2 (0.1); then 6 under 3; then 9 under 6
+    # depth 1 by confidence, not by token: 3 (0.6), 4 (0.3), 2 (0.1); then 6 under 3; then 9 under 6
     assert draft.tokens.tolist() == [42, 3, 4, 2, 6, 9]
     assert draft.trie_nodes == (-1, 0, 1, 4, 2, 3)
     assert draft.tree.parents.tolist() == [-1, 0, 0, 0, 1, 4]
@@ -315,9 +325,9 @@ def test_selected_tree_buffers_match_hand_written_values():
         [1, 1, 0, 0, 1, 1],
     ]
     assert draft.tree.retrieve_indices.tolist() == [[0, 2, -1, -1], [0, 3, -1, -1], [0, 1, 4, 5]]
-    assert draft.path_probabilities == pytest.approx([1, 0.8, 0.3, 0.1, 0.56, 0.224])
+    assert draft.path_probabilities == pytest.approx([1, 0.6, 0.3, 0.1, 0.42, 0.168])
     assert draft.sources[1] == ("lookup", "suffix") and draft.sources[0] == ()
-    assert draft.expected_tokens == pytest.approx(1 + 0.8 + 0.3 + 0.1 + 0.56 + 0.224)
+    assert draft.expected_tokens == pytest.approx(1 + 0.6 + 0.3 + 0.1 + 0.42 + 0.168)
     assert draft.tokens_per_second == pytest.approx(draft.expected_tokens / 1.0)
 
 
@@ -325,14 +335,14 @@ def test_selected_tree_buffers_match_hand_written_values():
     # seconds: the cost of a forward over 1..6 tokens, as the table gives or interpolates it
     ({1: 1.0, 2: 1.0, 3: 1.1, 4: 1.5, 5: 1.6, 6: 2.0}, 0.0, [1.0, 1.0, 1.1, 1.5, 1.6, 2.0], [42, 3, 6]),
     ({1: 1.0, 2: 1.0, 3: 1.1, 4: 1.5, 5: 1.6, 6: 2.0}, 10.0, [1.0, 1.0, 1.1, 1.5, 1.6, 2.0], [42, 3, 4, 2, 6, 9]),
-    ({1: 1.0, 4: 1.3}, 0.0, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5], [42, 3, 4, 6, 9]),
+    ({1: 1.0, 4: 1.3}, 0.0, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5], [42, 3, 4, 6]),
     ({1: 1.0, 2: 2.0}, 0.0, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [42]),
 ])
 def test_selection_cuts_where_expected_tokens_per_second_peak(cost, draft_cost, seconds, tokens):
-    # best first: 3 (0.8), 6 (0.56), 4 (0.3), 9 (0.224), 2 (0.1); expected tokens 1, 1.8, 2.36, 2.66, ...
+    # best first: 3 (0.6), 6 (0.42), 4 (0.3), 9 (0.168), 2 (0.1); expected tokens 1, 1.6, 2.02, 2.32, ...
     draft = select_tree(merge_candidates([LOOKUP, SUFFIX]), 42, cost, draft_cost)
     assert draft.tokens.tolist() == tokens
-    gains = [0.8, 0.56, 0.3, 0.224, 0.1]
+    gains = [0.6, 0.42, 0.3, 0.168, 0.1]
     rates = [(1 + sum(gains[:k])) / (seconds[k] + draft_cost) for k in range(6)]
     assert rates.index(max(rates)) == len(tokens) - 1
     assert draft.tokens_per_second == pytest.approx(max(rates))
@@ -362,18 +372,22 @@ def test_calibrator_starts_at_the_raw_confidence_and_moves_to_the_measured_rate(
     assert calibrator.calibrate("lookup", 1.0) < 0.001
     restored = ConfidenceCalibrator.from_state_dict(calibrator.state_dict())
     assert restored.calibrate("lookup", 0.35) == calibrator.calibrate("lookup", 0.35)
+    with pytest.raises(ValueError, match="version"):  # counts kept per source, before agreements: not read
+        ConfidenceCalibrator.from_state_dict({**calibrator.state_dict(), "version": 1})
 
 
 def test_calibrator_learns_only_from_nodes_that_were_tried():
     calibrator = ConfidenceCalibrator()
     draft = select_tree(merge_candidates([LOOKUP, SUFFIX]), 42, {1: 1.0, 8: 1.0})
-    # tree: 1 = "3" (lookup 0.6, suffix 0.8), 2 = "4" (lookup 0.3), 3 = "2" (suffix 0.1), 4 = "6" under 1
+    # tree: 1 = "3" (lookup 0.5, suffix 0.6), 2 = "4" (lookup 0.3), 3 = "2" (suffix 0.1), 4 = "6" under 1
     # (lookup 0.5, suffix 0.7), 5 = "9" under 4 (suffix 0.4). Accepted: the root and "4".
     calibrator.observe(draft, [0, 2])
     lookup = calibrator.acceptance_rates("lookup")
     suffix = calibrator.acceptance_rates("suffix")
-    assert (lookup[6], lookup[3], lookup[5]) == (0.0, 1.0, None)  # "6" (under rejected "3"): never tried
-    assert (suffix[8], suffix[1], suffix[7], suffix[4]) == (0.0, 0.0, None, None)
+    both = calibrator.acceptance_rates("lookup+suffix")
+    assert (lookup[3], lookup[5]) == (1.0, None)  # "6" (under rejected "3"): never tried
+    assert (suffix[1], suffix[4], suffix[6], suffix[7]) == (0.0, None, None, None)
+    assert (both[6], both[7]) == (0.0, None)  # "3", proposed by both: counted as the pair, bin of the larger 0.6
 
 
 def test_calibrator_learns_each_depth_apart():
@@ -396,7 +410,21 @@ def test_calibrator_learns_each_depth_apart():
 def test_calibration_changes_the_merged_confidence():
     calibrator = ConfidenceCalibrator()
     for _ in range(100):
-        calibrator.record("suffix", 0.8, False)  # the suffix index's 0.8 is never right
+        calibrator.record("suffix", 0.6, False)  # the suffix index's lone 0.6 is never right
     trie = merge_candidates([LOOKUP, SUFFIX], calibrator)
-    assert trie.confidences[0] == pytest.approx(0.6)  # node "3": lookup's 0.6 now beats suffix's
-    assert trie.raw_confidences[0] == (0.6, 0.8)
+    # node "3", proposed by both and never measured as a pair: its prior is the better source alone, lookup's 0.5
+    assert trie.confidences[0] == pytest.approx(0.5)
+    assert trie.raw_confidences[0] == (0.5, 0.6)
+
+
+def test_an_agreement_is_calibrated_apart_from_its_sources_alone():
+    """Two sources agreeing on a token are right more often than either alone: each gets its own rate."""
+    calibrator = ConfidenceCalibrator(prior_weight=4.0)
+    for step in range(40):
+        calibrator.record("lookup+suffix", 0.6, step % 4 != 0)  # the pair: 3 in 4
+        calibrator.record("suffix", 0.6, step % 4 == 0)  # the suffix index alone: 1 in 4
+    assert calibrator.calibrate_node(("suffix",), (0.6,)) == pytest.approx((10 + 4 * 0.6) / 44)
+    prior = max(calibrator.calibrate("lookup", 0.5), calibrator.calibrate("suffix", 0.6))  # lookup alone: 0.5
+    assert prior == pytest.approx(0.5)
+    assert calibrator.calibrate_node(("suffix", "lookup"), (0.6, 0.5)) == pytest.approx((30 + 4 * prior) / 44)
+    assert calibrator.calibrate_node(("lookup", "suffix"), (0.2, 0.3)) == pytest.approx(0.3)  # another bin: prior

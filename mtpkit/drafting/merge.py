@@ -1,7 +1,9 @@
 """Several drafters' candidates as one trie, and the part of it worth verifying (EAGLE-2's rule).
 
 ``merge_candidates`` joins identical token paths (a prefix proposed by two drafters is verified
-once) and keeps, per node, every source with its raw confidence and the largest calibrated one.
+once) and keeps, per node, every source with its raw confidence and the calibrated chance that the
+node is accepted once its parent is (per agreement of sources: ``ConfidenceCalibrator.calibrate_node``;
+siblings' chances scaled to sum to at most 1).
 ``select_tree`` scores each node by its path's acceptance probability (the product of calibrated
 confidences from the root), adds nodes best first (a node only after its parent), and keeps the
 size n that maximises expected tokens per second, (1 + sum of chosen path probabilities) /
@@ -28,7 +30,7 @@ class DraftTrie:
 
     tokens: tuple[int, ...]
     parents: tuple[int, ...]
-    confidences: tuple[float, ...]  # calibrated, the largest over the node's sources
+    confidences: tuple[float, ...]  # calibrated P(accepted | parent accepted); without a calibrator the largest raw
     sources: tuple[tuple[str, ...], ...]
     raw_confidences: tuple[tuple[float, ...], ...]
 
@@ -76,12 +78,21 @@ def merge_candidates(candidates: Sequence[Candidates], calibrator: ConfidenceCal
     for parent in parents:
         depths.append(1 if parent < 0 else depths[parent] + 1)
 
-    def calibrated(source: str, value: float, depth: int) -> float:
-        return value if calibrator is None else calibrator.calibrate(source, value, depth)
-
-    return DraftTrie(tuple(tokens), tuple(parents),
-                     tuple(max(calibrated(s, v, d) for s, v in node.items()) for node, d in zip(raw, depths)),
+    if calibrator is None:
+        confidences = [max(node.values()) for node in raw]
+    else:
+        confidences = [calibrator.calibrate_node(tuple(node), tuple(node.values()), d) for node, d in zip(raw, depths)]
+    return DraftTrie(tuple(tokens), tuple(parents), tuple(_exclusive(confidences, parents)),
                      tuple(tuple(node) for node in raw), tuple(tuple(node.values()) for node in raw))
+
+
+def _exclusive(confidences: list[float], parents: list[int]) -> list[float]:
+    """Siblings' chances scaled down where they sum past 1: at most one child of a node is accepted (greedy: the
+    base's argmax; sampling: the rejection walk stops at the first), so their chances cannot add up to more."""
+    total: dict[int, float] = {}
+    for confidence, parent in zip(confidences, parents):
+        total[parent] = total.get(parent, 0.0) + confidence
+    return [c / total[p] if total[p] > 1.0 else c for c, p in zip(confidences, parents)]
 
 
 def cut_depth(trie: DraftTrie, max_depth: int) -> DraftTrie:
