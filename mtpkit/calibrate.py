@@ -20,7 +20,6 @@ import torch
 
 from mtpkit.backbone import Backbone, cache_root
 from mtpkit.config import HeadsConfig
-from mtpkit.draft_layer import append_keys
 from mtpkit.heads import DraftHeads
 from mtpkit.kernels import synchronize
 from mtpkit.targets import conditioning_tokens, head_targets
@@ -30,8 +29,8 @@ FORWARD_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 CALIBRATION_PROMPTS = 4
 CALIBRATION_TOKENS = 32
 DRAFT_CONTEXT = 128  # committed positions in the eagle draft cache while its drafting is timed
-FORMAT_VERSION = 4  # 2: draft costs on the base's kernels; 3: keyed by the measured layout of each layer shape;
-# 4: forward costs made non-decreasing in n
+FORMAT_VERSION = 5  # 2: draft costs on the base's kernels; 3: keyed by the measured layout of each layer shape;
+# 4: forward costs made non-decreasing in n; 5: draft cost timed through the decoder's drafting code
 
 
 @dataclass
@@ -161,28 +160,22 @@ def measure_forward_cost(backbone: Backbone, sizes=FORWARD_SIZES, context: int =
 
 @torch.inference_mode()
 def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> float:
-    """Median seconds for the heads to draft a chain (each head's state and top-k)."""
+    """Median seconds for the heads to draft a chain, timed through the decoder's own drafting code
+    (``HeadsDrafter``: take the last step's hidden states, then draft), after a typical context."""
+    from mtpkit.decoding import HeadsDrafter
+
     backbone = heads.backbone
-    hidden = torch.zeros(1, backbone.hidden_size, device=backbone.device, dtype=backbone.dtype)
-    token = torch.zeros(1, dtype=torch.long, device=backbone.device)
-    cache = heads.new_draft_cache()
-    if cache is not None:  # eagle attends over the context: give it a typical one
-        heads.commit(cache, hidden.expand(DRAFT_CONTEXT, -1), token.expand(DRAFT_CONTEXT))
+    drafter = HeadsDrafter(heads, "chain")
+    drafter.start([0])
+    hidden = torch.zeros(DRAFT_CONTEXT, backbone.hidden_size, device=backbone.device, dtype=backbone.dtype)
+    drafter.condition(hidden, [0] * DRAFT_CONTEXT)  # eagle attends over the context: give it a typical one
+    plan = drafter.plan
     times = []
     for attempt in range(repeats + 1):
         synchronize(backbone.device)
         start = time.perf_counter()
-        state, drafted = None, None
-        for k in range(1, heads.num_heads + 1):
-            if cache is None:
-                state = heads.state(k, hidden, state, token)
-            elif k == 1:  # a step commits the last step's accepted tokens (two, typically) first
-                state = heads.commit(cache, hidden.expand(2, -1), token.expand(2))
-            else:
-                visible = None if drafted is None else torch.ones(1, k - 2, dtype=torch.bool, device=backbone.device)
-                state, own = heads.draft_step(cache, state, token, cache.length + k - 2, drafted, visible)
-                drafted = append_keys(drafted, own)
-            heads.draft_logits(k, state)[0].topk(MAX_RANK, dim=-1)
+        drafter.condition(hidden[:2], [0, 0])  # a step commits the last step's accepted tokens (two, typically)
+        drafter.draft(plan, plan.tokens, tracing=False)
         synchronize(backbone.device)
         if attempt:
             times.append(time.perf_counter() - start)

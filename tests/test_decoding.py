@@ -491,6 +491,24 @@ def test_auto_tree_uses_training_metrics_and_caches(tiny_backbone):
     assert decoder.generate(ids, 20).tokens == greedy_generate(tiny_backbone, ids, 20).tokens
 
 
+@pytest.mark.parametrize("style", ["medusa", "sequential", "eagle"])
+def test_draft_cost_is_timed_through_the_decoders_drafting(tiny_backbone, style, monkeypatch):
+    """One drafting loop in the package: calibration times ``HeadsDrafter`` itself, a chain of every head."""
+    from mtpkit.calibrate import measure_draft_cost
+    from mtpkit.decoding import HeadsDrafter
+
+    drafted = []
+    real = HeadsDrafter.draft
+
+    def draft(self, plan, tokens, tracing):
+        drafted.append((plan.tree.is_chain, plan.max_depth))
+        return real(self, plan, tokens, tracing)
+
+    monkeypatch.setattr(HeadsDrafter, "draft", draft)
+    seconds = measure_draft_cost(random_heads(tiny_backbone, style, num_heads=3), repeats=4)
+    assert drafted == [(True, 3)] * 5 and 0 < seconds < 1
+
+
 def test_head_accuracy_is_measured_when_not_recorded(tiny_backbone):
     from mtpkit.calibrate import measure_head_accuracy
 
