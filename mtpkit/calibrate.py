@@ -23,14 +23,14 @@ from mtpkit.config import HeadsConfig
 from mtpkit.heads import DraftHeads
 from mtpkit.kernels import synchronize
 from mtpkit.targets import conditioning_tokens, head_targets
-from mtpkit.tree import MAX_RANK, expected_tokens, greedy_tree, monotone_cost
+from mtpkit.tree import MAX_RANK, chain_choices, expected_tokens, greedy_tree, monotone_cost
 
 FORWARD_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 CALIBRATION_PROMPTS = 4
 CALIBRATION_TOKENS = 32
 DRAFT_CONTEXT = 128  # committed positions in the eagle draft cache while its drafting is timed
-FORMAT_VERSION = 5  # 2: draft costs on the base's kernels; 3: keyed by the measured layout of each layer shape;
-# 4: forward costs made non-decreasing in n; 5: draft cost timed through the decoder's drafting code
+FORMAT_VERSION = 6  # 2: draft costs on the base's kernels; 3: keyed by the measured layout of each layer shape;
+# 4: forward costs made non-decreasing in n; 5: draft cost timed through the decoder's drafting code; 6: per depth
 
 
 @dataclass
@@ -38,10 +38,15 @@ class Calibration:
     head_topk_accuracy: list[list[float]]  # [head k][i]: P(true token within head k's top-(i+1))
     accuracy_source: str  # "training" (finetune metrics) or "measured"
     forward_cost: dict[int, float]  # seconds of a base forward over n tokens (context 128)
-    draft_cost: float  # seconds the heads take to draft a chain
+    draft_cost: list[float]  # [d - 1]: seconds the heads take to draft a chain d deep
     choices: list[list[int]]
     expected_tokens: float  # per step, for ``choices``
     predicted_tokens_per_second: float
+
+    def tree_draft_cost(self) -> float:
+        """Seconds to draft ``choices`` (as deep as its deepest path; 0 for no drafts)."""
+        depth = max((len(c) for c in self.choices), default=0)
+        return self.draft_cost[min(depth, len(self.draft_cost)) - 1] if depth else 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -159,27 +164,29 @@ def measure_forward_cost(backbone: Backbone, sizes=FORWARD_SIZES, context: int =
 
 
 @torch.inference_mode()
-def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> float:
-    """Median seconds for the heads to draft a chain, timed through the decoder's own drafting code
-    (``HeadsDrafter``: take the last step's hidden states, then draft), after a typical context."""
+def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> list[float]:
+    """Median seconds for the heads to draft a chain 1, 2, ..., K deep (sequential and eagle heads run one more
+    head per depth; Medusa's share one product), timed through the decoder's own drafting code (``HeadsDrafter``:
+    take the last step's hidden states, then draft), after a typical context."""
     from mtpkit.decoding import HeadsDrafter
 
     backbone = heads.backbone
-    drafter = HeadsDrafter(heads, "chain")
-    drafter.start([0])
     hidden = torch.zeros(DRAFT_CONTEXT, backbone.hidden_size, device=backbone.device, dtype=backbone.dtype)
-    drafter.condition(hidden, [0] * DRAFT_CONTEXT)  # eagle attends over the context: give it a typical one
-    plan = drafter.plan
-    times = []
+    drafters = [HeadsDrafter(heads, chain_choices(depth)) for depth in range(1, heads.num_heads + 1)]
+    for drafter in drafters:
+        drafter.start([0])
+        drafter.condition(hidden, [0] * DRAFT_CONTEXT)  # eagle attends over the context: give it a typical one
+    times: list[list[float]] = [[] for _ in drafters]
     for attempt in range(repeats + 1):
-        synchronize(backbone.device)
-        start = time.perf_counter()
-        drafter.condition(hidden[:2], [0, 0])  # a step commits the last step's accepted tokens (two, typically)
-        drafter.draft(plan, plan.tokens, tracing=False)
-        synchronize(backbone.device)
-        if attempt:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for drafter, samples in zip(drafters, times):  # depths interleaved: a slow moment hits all alike
+            synchronize(backbone.device)
+            start = time.perf_counter()
+            drafter.condition(hidden[:2], [0, 0])  # a step commits the last step's accepted tokens (two, typically)
+            drafter.draft(drafter.plan, drafter.plan.tokens, tracing=False)
+            synchronize(backbone.device)
+            if attempt:
+                samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def _kernel_mode(backbone: Backbone) -> str:

@@ -130,4 +130,4 @@ def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="au
     calibrator = None if remember is None else remembered_calibrator(remember)
     return SpeculativeDecoder(heads, drafters=make_drafters(sources, heads, heads_dir, tree),
                               cost=calibration.forward_cost, calibrator=calibrator,
-                              draft_cost=calibration.draft_cost if "heads" in sources else 0.0, **sampling)
+                              draft_cost=calibration.tree_draft_cost() if "heads" in sources else 0.0, **sampling)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -157,19 +158,26 @@ def expected_tokens(choices, topk_accuracy: list[list[float]]) -> float:
 
 
 def greedy_tree(topk_accuracy: list[list[float]], cost: dict[int, float], max_nodes: int = 64,
-                draft_cost: float = 0.0) -> tuple[list[list[int]], float]:
+                draft_cost: "float | Sequence[float]" = 0.0) -> tuple[list[list[int]], float]:
     """Choices maximising expected tokens per second, and that rate.
 
     Nodes are added greedily by the chance their path is accepted (Medusa / EAGLE); of the
-    trees built along the way, the size n with the best ``E[tokens](n) / (cost(n) + draft_cost)``
-    wins, where ``cost(n)`` is the measured time of a base forward over n tokens.
+    trees built along the way, the size n with the best ``E[tokens](n) / (cost(n) + draft)``
+    wins, where ``cost(n)`` is the measured time of a base forward over n tokens and ``draft`` the
+    time to draft the tree: ``draft_cost`` itself, or ``draft_cost[d - 1]`` for a tree d deep when it
+    is a list (sequential and eagle heads run one more head per depth; an empty tree drafts nothing).
     """
+    def draft_seconds(depth: int) -> float:
+        if isinstance(draft_cost, (int, float)):
+            return float(draft_cost)
+        return 0.0 if depth == 0 else float(draft_cost[min(depth, len(draft_cost)) - 1])
+
     probs = rank_probabilities(topk_accuracy)
     depth_limit = len(probs)
     value = {(): 1.0}
     chosen: list[tuple[int, ...]] = []
-    expected = 1.0
-    best = ([], 1.0 / (_interpolate(cost, 1) + draft_cost))
+    expected, depth = 1.0, 0
+    best = ([], 1.0 / (_interpolate(cost, 1) + draft_seconds(0)))
     while len(chosen) + 1 < max_nodes:
         frontier = [(value[parent] * probs[len(parent)][rank], parent + (rank,))
                     for parent in value if len(parent) < depth_limit
@@ -182,7 +190,8 @@ def greedy_tree(topk_accuracy: list[list[float]], cost: dict[int, float], max_no
         value[path] = gain
         chosen.append(path)
         expected += gain
-        rate = expected / (_interpolate(cost, len(chosen) + 1) + draft_cost)
+        depth = max(depth, len(path))
+        rate = expected / (_interpolate(cost, len(chosen) + 1) + draft_seconds(depth))
         if rate > best[1]:
             best = ([list(p) for p in chosen], rate)
     return best

@@ -118,3 +118,13 @@ def test_monotone_cost_pools_the_dips_of_a_noisy_table():
     assert sum(fitted.values()) == pytest.approx(sum(measured.values()))  # least squares: pools keep their mean
     rising = {1: 1.0, 2: 1.5, 8: 3.0}
     assert monotone_cost(rising) == rising
+
+
+def test_greedy_tree_pays_each_depth_its_own_drafting_time():
+    """Sequential heads run one more head per depth: with drafting time per depth a second level that costs a
+    whole forward more is not worth its 0.36 expected tokens, and an empty tree drafts (and pays) nothing."""
+    accuracy, flat = [[0.6], [0.6]], {1: 1.0, 2: 1.0, 3: 1.0}
+    assert greedy_tree(accuracy, flat, draft_cost=0.1)[0] == [[0], [0, 0]]  # one time for any depth
+    choices, rate = greedy_tree(accuracy, flat, draft_cost=[0.1, 1.0])
+    assert choices == [[0]] and rate == pytest.approx(1.6 / 1.1)
+    assert greedy_tree(accuracy, flat, draft_cost=[5.0, 5.0]) == ([], 1.0)
