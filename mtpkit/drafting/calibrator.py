@@ -9,9 +9,10 @@ is that rate, pulled toward a prior by ``prior_weight`` pseudo-trials. A single 
 raw confidence; an agreement's prior is the best calibrated value of its sources alone. Agreements are
 counted apart because they are not alike: measured on chat and writing prompts, a token both the heads
 and the suffix index proposed was accepted 45% of the time, one the suffix index proposed alone 14%;
-counted per source, each source's rate mixed the two and overrated its lone proposals by 2x. Depth matters because a node's chance given its parent's acceptance is not
-the same at every depth: a copy that held for three tokens tends to hold for a fourth (a lookup's
-raw confidence is 1.0 at every depth of a single match), while a head further ahead is less sure.
+counted per source, each source's rate mixed the two and overrated its lone proposals by 2x. Depth
+matters because a node's chance given its parent's acceptance is not the same at every depth: a copy
+that held for three tokens tends to hold for a fourth (a lookup's raw confidence is 1.0 at every depth
+of a single match), while a head further ahead is less sure.
 """
 
 from __future__ import annotations
