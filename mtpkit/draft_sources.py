@@ -22,15 +22,20 @@ from pathlib import Path
 from mtpkit.backbone import cache_root
 from mtpkit.calibrate import auto_tree, calibrate, calibration_key
 from mtpkit.config import CORPUS_NAME, HeadsConfig
-from mtpkit.decoding import HeadsDrafter, SpeculativeDecoder
+from mtpkit.decoding import HeadsDrafter, SpeculativeDecoder, resolve_tree
 from mtpkit.drafting.base import Drafter
 from mtpkit.drafting.calibrator import ConfidenceCalibrator
 from mtpkit.drafting.lookup import PromptLookup
 from mtpkit.drafting.suffix import SuffixDrafter, SuffixIndex
 from mtpkit.errors import MtpkitError
+from mtpkit.tree import widen_choices
 
 DRAFTS = {"hybrid": ("heads", "lookup", "suffix"), "heads": ("heads",), "lookup": ("lookup",),
           "suffix": ("suffix",)}
+# In a tree chosen per step the heads offer the top 4 children of every node their static tree expands: those
+# cost no drafting, and the chooser verifies them where they pay (measured over 16 held-out prompts, 2 per
+# category: 1.91-1.93 accepted tokens per step against 1.87 with the static tree's own nodes alone).
+HEADS_SIBLINGS = 4
 
 
 def corpus_path(heads_dir: Path, config: HeadsConfig) -> Path | None:
@@ -74,11 +79,12 @@ def _corpus_index(path: str, mtime_ns: int, size: int, with_prompts: bool) -> Su
 
 
 def make_drafters(sources, heads, heads_dir: Path | None, tree="auto") -> list[Drafter]:
-    """Fresh drafters for ``sources`` (names from ``DRAFTS``' values); ``tree`` is the heads' static tree."""
+    """Fresh drafters for ``sources`` (names from ``DRAFTS``' values); ``tree`` is the heads' static tree, which
+    they draft widened to ``HEADS_SIBLINGS`` children per expanded node."""
     drafters: list[Drafter] = []
     for source in sources:
         if source == "heads":
-            drafters.append(HeadsDrafter(heads, tree))
+            drafters.append(HeadsDrafter(heads, widen_choices(resolve_tree(tree, heads).choices, HEADS_SIBLINGS)))
         elif source == "lookup":
             drafters.append(PromptLookup())
         elif source == "suffix":

@@ -117,6 +117,24 @@ def chain_choices(depth: int) -> list[list[int]]:
     return [[0] * d for d in range(1, depth + 1)]
 
 
+def widen_choices(choices, siblings: int) -> list[list[int]]:
+    """``choices`` with each node that has children given its top ``siblings`` children; leaves stay leaves.
+
+    Heads compute their logits at every node they expand, so a node's next-ranked children cost no drafting,
+    only verification: a tree chosen per step (``mtpkit.drafting.merge.select_tree``) verifies them where
+    their chance pays for the longer forward, and a static tree would pay for them every step.
+    """
+    if siblings < 1:
+        raise MtpkitError(f"a node keeps at least one child (siblings={siblings})")
+    paths = _validate(choices)
+    expanded = {path[:-1] for path in paths}
+    wide = set(paths) | {parent + (rank,) for parent in expanded for rank in range(min(siblings, MAX_RANK))}
+    widened = sorted(wide, key=lambda path: (len(path), path))
+    if len(widened) + 1 > MAX_NODES:
+        raise MtpkitError(f"the widened tree has {len(widened) + 1} nodes; at most {MAX_NODES} are supported")
+    return [list(path) for path in widened]
+
+
 def load_tree_file(path: Path) -> list[list[int]]:
     """Choices from a JSON file: a list of paths, or an object with a "choices" list."""
     path = Path(path)

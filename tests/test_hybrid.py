@@ -192,6 +192,35 @@ def test_heads_drafter_proposes_the_static_tree_with_softmax_confidences(tiny_ba
     assert len(drafter.propose(ids[0].tolist() + [9], budget=2)) == 2  # cut to the budget, parents first
 
 
+@pytest.mark.parametrize("style", ["medusa", "sequential", "eagle"])
+def test_hybrid_heads_offer_the_top_siblings_of_each_expanded_node(tiny_backbone, style):
+    """``make_drafters`` widens the heads' static tree: the root's top-4 of the first head (its softmax
+    probabilities as confidences), and decoding with the widened heads stays plain greedy."""
+    ids, reference, _ = reference_run(tiny_backbone)
+    heads = random_heads(tiny_backbone, style, num_heads=3)
+    (drafter,) = make_drafters(("heads",), heads, None, [[0], [0, 0], [1]])
+    assert [list(c) for c in drafter.tree.choices] == [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [0, 3]]
+    prompt = ids[0].tolist()
+    with torch.no_grad():
+        hidden = tiny_backbone.hidden(ids).last_hidden_state[0]
+        drafter.start(prompt)
+        drafter.condition(hidden, prompt[1:] + [9])
+        candidates = drafter.propose(prompt + [9], budget=31)
+        static = HeadsDrafter(heads, [[0], [0, 0], [1]])
+        static.start(prompt)
+        static.condition(hidden, prompt[1:] + [9])
+        narrow = static.propose(prompt + [9], budget=31)
+    assert candidates.parents == (-1, -1, -1, -1, 0, 0, 0, 0)
+    root = candidates.confidences[:4]
+    assert list(root) == sorted(root, reverse=True) and sum(root) <= 1.0 + 1e-6
+    # the static tree's nodes are among them, with the same tokens and confidences
+    assert candidates.tokens[:2] == narrow.tokens[:2] and candidates.tokens[4] == narrow.tokens[2]
+    assert candidates.confidences[4] == pytest.approx(narrow.confidences[2], rel=1e-5)
+    assert len(set(candidates.tokens[:4])) == 4 and len(set(candidates.tokens[4:])) == 4
+    result, _ = decode(heads, make_drafters(("heads",), heads, None, [[0], [0, 0], [1]]), ids, 40)
+    assert result.tokens == reference.tokens
+
+
 # ----------------------------------------------------------------------------- the per-step tree, by hand
 
 

@@ -7,7 +7,7 @@ import torch
 
 from mtpkit.errors import MtpkitError
 from mtpkit.tree import (build_tree, chain_choices, expected_tokens, greedy_tree, load_tree_file, monotone_cost,
-                         rank_probabilities)
+                         rank_probabilities, widen_choices)
 
 CHOICES = [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
 
@@ -128,3 +128,14 @@ def test_greedy_tree_pays_each_depth_its_own_drafting_time():
     choices, rate = greedy_tree(accuracy, flat, draft_cost=[0.1, 1.0])
     assert choices == [[0]] and rate == pytest.approx(1.6 / 1.1)
     assert greedy_tree(accuracy, flat, draft_cost=[5.0, 5.0]) == ([], 1.0)
+
+
+def test_widen_choices_gives_expanded_nodes_their_top_siblings_and_leaves_none():
+    assert widen_choices([[0], [0, 0], [1]], 3) == [[0], [1], [2], [0, 0], [0, 1], [0, 2]]
+    assert widen_choices([[0], [1], [1, 0], [1, 0, 0]], 2) == [[0], [1], [1, 0], [1, 1], [1, 0, 0], [1, 0, 1]]
+    assert widen_choices([[0], [0, 0], [1]], 1) == [[0], [1], [0, 0]]  # one sibling: the tree itself (sorted)
+    assert widen_choices([[0], [5]], 2) == [[0], [1], [5]]  # what the tree had stays
+    assert widen_choices([], 4) == []  # a tree that drafts nothing expands nothing
+    assert widen_choices([[0]], 20) == [[r] for r in range(10)]  # ranks stop at the heads' top-10
+    with pytest.raises(MtpkitError, match="at least one child"):
+        widen_choices([[0]], 0)
