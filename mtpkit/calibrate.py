@@ -21,27 +21,31 @@ import torch
 from mtpkit.backbone import Backbone, cache_root
 from mtpkit.config import HeadsConfig
 from mtpkit.heads import DraftHeads
-from mtpkit.kernels import synchronize
+from mtpkit.kernels import DEFAULT_SIZES, kernel_measurement, kernel_plan, synchronize, uses_fast_kernels
 from mtpkit.targets import conditioning_tokens, head_targets
 from mtpkit.tree import MAX_RANK, chain_choices, expected_tokens, greedy_tree, monotone_cost
 
-FORWARD_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+FORWARD_SIZES = DEFAULT_SIZES  # the sizes whose whole-forward cost mtpkit.kernels measures per layout
 CALIBRATION_PROMPTS = 4
 CALIBRATION_TOKENS = 32
 DRAFT_CONTEXT = 128  # committed positions in the eagle draft cache while its drafting is timed
-FORMAT_VERSION = 6  # 2: draft costs on the base's kernels; 3: keyed by the measured layout of each layer shape;
-# 4: forward costs made non-decreasing in n; 5: draft cost timed through the decoder's drafting code; 6: per depth
+FORMAT_VERSION = 7  # 2: draft costs on the base's kernels; 3: keyed by the measured layout of each layer shape;
+# 4: forward costs made non-decreasing in n; 5: draft cost timed through the decoder's drafting code; 6: per depth;
+# 7: forward costs from whole forwards per layout (mtpkit.kernels), n = 1 as plain decoding runs its token
 
 
 @dataclass
 class Calibration:
     head_topk_accuracy: list[list[float]]  # [head k][i]: P(true token within head k's top-(i+1))
     accuracy_source: str  # "training" (finetune metrics) or "measured"
-    forward_cost: dict[int, float]  # seconds of a base forward over n tokens (context 128)
+    forward_cost: dict[int, float]  # seconds of a base forward over n tokens as decoding runs it (context 128)
     draft_cost: list[float]  # [d - 1]: seconds the heads take to draft a chain d deep
     choices: list[list[int]]
     expected_tokens: float  # per step, for ``choices``
     predicted_tokens_per_second: float
+    # whole-forward seconds per kernel layout and n that ``forward_cost`` was taken from ({"current": ...} when the
+    # model runs kernels no layout was measured for: stock outside float32 on a CPU)
+    forward_cost_by_layout: dict[str, dict[str, float]] | None = None
 
     def tree_draft_cost(self) -> float:
         """Seconds to draft ``choices`` (as deep as its deepest path; 0 for no drafts)."""
@@ -74,12 +78,12 @@ def calibrate(heads: DraftHeads, refresh: bool = False) -> Calibration:
             pass  # a damaged cache entry is simply measured again
     accuracy, source = head_topk_accuracy(heads)
     backbone = heads.backbone
-    cost = measure_forward_cost(backbone, FORWARD_SIZES)
+    cost, by_layout = measure_forward_cost(backbone, FORWARD_SIZES)
     draft = measure_draft_cost(heads)
     choices, rate = greedy_tree(accuracy, cost, max_nodes=max(FORWARD_SIZES), draft_cost=draft)
     result = Calibration(head_topk_accuracy=accuracy, accuracy_source=source, forward_cost=cost, draft_cost=draft,
                          choices=choices, expected_tokens=expected_tokens(choices, accuracy),
-                         predicted_tokens_per_second=rate)
+                         predicted_tokens_per_second=rate, forward_cost_by_layout=by_layout)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, result.to_json())
     return result
@@ -152,15 +156,23 @@ def measure_head_accuracy(heads: DraftHeads, prompts: int = CALIBRATION_PROMPTS,
     return (hits / counts.clamp(min=1).unsqueeze(-1)).tolist()
 
 
-def measure_forward_cost(backbone: Backbone, sizes=FORWARD_SIZES, context: int = 128, repeats: int = 5) -> dict[int, float]:
-    """Median seconds of a base forward over n tokens after ``context`` cached ones (mtpkit.kernels' if present),
-    made non-decreasing in n (``monotone_cost``)."""
+def measure_forward_cost(backbone: Backbone, sizes=FORWARD_SIZES, context: int = 128,
+                         repeats: int = 5) -> tuple[dict[int, float], dict[str, dict[str, float]]]:
+    """Seconds of a base forward over n tokens after ``context`` cached ones, as decoding runs it, made
+    non-decreasing in n (``monotone_cost``), and the per-layout table it came from.
+
+    On mtpkit's kernels these are the whole-forward measurements that chose the kernel plan (n = 1 is plain
+    decoding's token, padded to two where that is faster), so the tree chooser and the plain-decoding control
+    read one measurement; on stock kernels the current forward is timed."""
     from mtpkit import kernels
 
-    if backbone.max_context is not None:
-        context = max(1, min(context, backbone.max_context - max(sizes) - 1))
+    if uses_fast_kernels(backbone.model):
+        measurement = kernel_measurement(backbone)
+        if measurement.seconds["stock"] and set(sizes) <= set(measurement.seconds["stock"]):
+            cost = {n: s for n, s in measurement.forward_cost().items() if n in set(sizes)}
+            return monotone_cost(cost), measurement.to_dict()["seconds"]
     measured = kernels.measure_forward_cost(backbone, list(sizes), context=context, repeats=repeats)
-    return monotone_cost({int(n): float(s) for n, s in measured.items()})
+    return monotone_cost({int(n): float(s) for n, s in measured.items()}), {"current": {str(n): s for n, s in measured.items()}}
 
 
 @torch.inference_mode()
@@ -190,8 +202,5 @@ def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> list[float]:
 
 
 def _kernel_mode(backbone: Backbone) -> str:
-    """The forward cost depends on the kernels the model runs: stock, or the layouts measured for each shape."""
-    from mtpkit.kernels import kernel_choices
-
-    choices = kernel_choices(backbone.model)
-    return json.dumps(choices) if choices else "stock"
+    """The forward cost depends on the kernels the model runs: stock, or the plan measured on whole forwards."""
+    return kernel_plan(backbone.model).describe() if uses_fast_kernels(backbone.model) else "stock"

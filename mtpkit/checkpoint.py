@@ -18,40 +18,8 @@ from safetensors.torch import load_file, save_file
 from mtpkit.backbone import Backbone, load_backbone, wrap_model
 from mtpkit.config import CONFIG_NAME, LORA_DIR, WEIGHTS_NAME, HeadsConfig
 from mtpkit.errors import MtpkitError
+from mtpkit.files import append_lines, atomic_write, atomic_write_text  # noqa: F401 (re-exported)
 from mtpkit.heads import DraftHeads, build_heads
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def append_lines(path: Path, entries: list[dict]) -> None:
-    """Append one JSON line per entry in a single write, flushed to disk: an interruption tears the last line at most."""
-    payload = "".join(json.dumps(e) + "\n" for e in entries).encode()
-    with open(path, "ab") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def prepare_out_dir(out: Path, force: bool) -> Path:

@@ -44,6 +44,7 @@ from mtpkit.drafting.merge import best_path, cut_depth, merge_candidates, select
 from mtpkit.errors import MtpkitError
 from mtpkit.generation import eos_ids
 from mtpkit.heads import DraftHeads
+from mtpkit.kernels import kernel_plan
 from mtpkit.kv_cache import GrowingLayer, decoder_cache
 from mtpkit.tree import Tree, build_tree, chain_choices, load_tree_file
 
@@ -181,24 +182,69 @@ class TextStream:
 
 @torch.inference_mode()
 def greedy_generate(backbone: Backbone, input_ids, max_new_tokens: int = 128, *, stop_strings=(),
-                    on_tokens=None) -> GenerationResult:
-    """Plain greedy decoding, one token per base forward, on the same decoder/output layer/cache."""
+                    on_tokens=None, pick: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GenerationResult:
+    """Plain greedy decoding, one token per base forward, on the same decoder/output layer/cache and on the kernel
+    plan the model runs (``mtpkit.kernels``: the token padded to two rows where that measured faster). ``pick``
+    turns the logits [1, V] into the next token [1] (default: argmax; ``PlainDecoder`` samples)."""
+    pick = pick or (lambda logits: logits.argmax(-1))
     ids, budget = _check_prompt(backbone, input_ids, max_new_tokens)
     output = _Output(backbone, budget, stop_strings, on_tokens)
+    # where a forward over two tokens measured cheaper than over one, the token goes in twice and the copy's
+    # cache entry is dropped: causal attention keeps the first row's result the one-token forward's
+    padded = kernel_plan(backbone.model).padded_token
     start = time.perf_counter()
     cache = decoder_cache(backbone)
     hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
-    token = backbone.logits(hidden).argmax(-1)
+    token = pick(backbone.logits(hidden[:, 0]))[:, None]
     forward_passes = 1
     output.push([token.item()])
     prefill = time.perf_counter() - start
     while output.stop_reason is None:
-        hidden = backbone.hidden(token, past_key_values=cache, use_cache=True).last_hidden_state
-        token = backbone.logits(hidden).argmax(-1)
+        if padded:
+            hidden = backbone.hidden(token.repeat(1, 2), past_key_values=cache, use_cache=True).last_hidden_state
+            cache.crop(-1)
+            hidden = hidden[:, :1]
+        else:
+            hidden = backbone.hidden(token, past_key_values=cache, use_cache=True).last_hidden_state
+        token = pick(backbone.logits(hidden[:, 0]))[:, None]
         forward_passes += 1
         output.push([token.item()])
     decode = time.perf_counter() - start - prefill
     return output.result(forward_passes, [1] * (forward_passes - 1), prefill, decode)
+
+
+class PlainDecoder:
+    """Plain decoding, one token per forward, on mtpkit's kernels and cache (``--draft none``): greedy, or sampling
+    from the same warped distribution the speculative decoder samples losslessly from. The baseline every
+    speculation gain is measured against."""
+
+    calibrator = None  # nothing to learn between runs
+
+    def __init__(self, backbone: Backbone, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 typical: bool = False, seed: int | None = None):
+        check_sampling(temperature, top_p, top_k, typical)
+        if typical:
+            raise MtpkitError("--typical accepts drafts: it needs a draft source other than none")
+        self.backbone = backbone
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self._generator = torch.Generator(device=backbone.device)
+        self._generator.manual_seed(seed if seed is not None else random.randrange(2**63))
+
+    def describe(self) -> str:
+        return "plain decoding, no drafts"
+
+    def reset(self) -> None:
+        pass  # nothing carries over from one prompt to the next
+
+    def generate(self, input_ids, max_new_tokens: int = 128, *, stop_strings=(), on_tokens=None,
+                 trace=None) -> GenerationResult:
+        pick = None
+        if self.temperature > 0:
+            def pick(logits: torch.Tensor) -> torch.Tensor:
+                probs = sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+                return torch.multinomial(probs, 1, generator=self._generator)[:, 0]
+        return greedy_generate(self.backbone, input_ids, max_new_tokens, stop_strings=stop_strings,
+                               on_tokens=on_tokens, pick=pick)
 
 
 # --------------------------------------------------------------------------- the cache and the masks
@@ -527,6 +573,9 @@ class HeadsDrafter:
     def update(self, accepted_ids: Sequence[int]) -> None:
         pass  # the heads learn what was committed from ``condition``
 
+    def reset(self) -> None:
+        self.start(())  # the draft cache is per prompt; the heads learn nothing while decoding
+
 
 def draft_with_heads(heads: DraftHeads, plan: _Plan, hidden: torch.Tensor, tokens: torch.Tensor,
                      tracing: bool) -> list[float] | None:
@@ -630,11 +679,23 @@ class SpeculativeDecoder:
             self.cost, self.max_nodes = dict(cost), max_nodes
             self.calibrator = calibrator if calibrator is not None else ConfidenceCalibrator()
             self.draft_cost = draft_cost  # a running estimate, replaced by what drafting measures
+            self._initial_calibrator, self._initial_draft_cost = self.calibrator.state_dict(), draft_cost
             self._masks: _TreeMasks | None = None
         self._root_plan = _Plan(build_tree([]), device, heads.is_sequential, self.windows)  # near the context's end
         self._rng = random.Random(seed)
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed if seed is not None else random.randrange(2**63))
+
+    def reset(self) -> None:
+        """Back to the state this decoder was built in: the calibrator's counts, the drafting-time estimate and
+        every drafter's learned entries. ``mtpkit bench`` calls it before each (prompt, method) run, so no
+        figure depends on the prompts measured before it."""
+        if self.drafters is None:
+            return
+        self.calibrator = ConfidenceCalibrator.from_state_dict(self._initial_calibrator)
+        self.draft_cost = self._initial_draft_cost
+        for drafter in self.drafters:
+            drafter.reset()
 
     def describe(self) -> str:
         if self.drafters is None:
@@ -790,20 +851,29 @@ class SpeculativeDecoder:
         At a node, its children are tried in rank order: child c is accepted with probability
         r(c) under the current residual r (the base distribution at the node with the rejected
         children removed and renormalised); if all fail, the next token is drawn from r. The
-        emitted tokens are then distributed exactly as the (warped) base's.
+        emitted tokens are then distributed exactly as the (warped) base's. Only the rows the walk
+        visits are warped (at most depth + 1 of the tree's nodes), each with one softmax.
         """
-        probs = self._target_probs(logits)
         token_list = tokens.tolist()
-        child_probs = [0.0] + probs[plan.parents[1:], tokens[1:]].tolist()
+        warped: dict[int, torch.Tensor] = {}
+
+        def probs_at(node: int) -> torch.Tensor:
+            if node not in warped:
+                warped[node] = self._target_probs(logits[node])
+            return warped[node]
+
+        def child_probs(node: int) -> list[float]:
+            children = plan.children[node]
+            return probs_at(node)[[token_list[c] for c in children]].tolist() if children else []
+
         nodes, rejected = rejection_walk(plan.children, child_probs, self._rng.random)
-        last = nodes[-1]
-        distribution = probs[last]
+        distribution = probs_at(nodes[-1])
         rejected_tokens = [token_list[c] for c in rejected]
         if rejected_tokens:
-            distribution = distribution.clone()
-            distribution[rejected_tokens] = 0
-            if not distribution.sum() > 0:  # rounding left no mass: the base's own distribution is the limit
-                distribution = probs[last]
+            residual = distribution.clone()
+            residual[rejected_tokens] = 0
+            if residual.sum() > 0:  # rounding can leave no mass: the base's own distribution is the limit
+                distribution = residual
         bonus = self._sample(distribution)
         drafts = [token_list[n] for n in nodes[1:]]
         return nodes, drafts + [bonus], (rejected[-1] if rejected else None)
@@ -824,18 +894,7 @@ class SpeculativeDecoder:
             cache.crop(keep - plan.num_nodes)
 
     def _target_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The base's sampling distribution: temperature, then top-k, then top-p."""
-        logits = logits.float() / self.temperature
-        if self.top_k and self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-            drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= self.top_p  # keeps the top token
-            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        return torch.softmax(logits, dim=-1)
+        return sampling_probs(logits, self.temperature, self.top_k, self.top_p)
 
     def _sample(self, distribution: torch.Tensor) -> int:
         return torch.multinomial(distribution, 1, generator=self._generator).item()
@@ -862,23 +921,41 @@ def _source_names(drafters) -> list[str]:
     return list(dict.fromkeys(drafter.name for drafter in drafters))
 
 
-def rejection_walk(children: list[list[int]], child_probs: list[float], uniform: Callable[[], float]):
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The base's sampling distribution over the last dimension: temperature, then top-k, then top-p (the smallest
+    set of most likely tokens holding ``top_p`` of the mass, the most likely always kept), with one softmax."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keeps the top token
+        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def rejection_walk(children: list[list[int]], child_probs: Callable[[int], list[float]],
+                   uniform: Callable[[], float]):
     """Walk the tree from the root accepting children by rejection sampling.
 
-    ``child_probs[c]``: the base's probability, at c's parent, of c's token. Returns the
-    accepted nodes (root first) and the children rejected at the last node, whose tokens the
-    caller removes from that node's distribution before drawing the next token.
+    ``child_probs(node)``: the base's probability, at ``node``, of each of its children's tokens (in
+    ``children[node]``'s order), asked only for the nodes the walk reaches. Returns the accepted nodes (root
+    first) and the children rejected at the last node, whose tokens the caller removes from that node's
+    distribution before drawing the next token.
     """
     node, nodes = 0, [0]
     while True:
         rejected, rejected_mass, accepted = [], 0.0, None
-        for child in children[node]:
+        for child, probability in zip(children[node], child_probs(node) if children[node] else ()):
             remaining = 1.0 - rejected_mass
-            if remaining > 0 and uniform() < child_probs[child] / remaining:
+            if remaining > 0 and uniform() < probability / remaining:
                 accepted = child
                 break
             rejected.append(child)
-            rejected_mass += child_probs[child]
+            rejected_mass += probability
         if accepted is None:
             return nodes, rejected
         node = accepted

@@ -22,7 +22,7 @@ from pathlib import Path
 from mtpkit.backbone import cache_root
 from mtpkit.calibrate import auto_tree, calibrate, calibration_key
 from mtpkit.config import CORPUS_NAME, HeadsConfig
-from mtpkit.decoding import HeadsDrafter, SpeculativeDecoder, resolve_tree
+from mtpkit.decoding import HeadsDrafter, PlainDecoder, SpeculativeDecoder, resolve_tree
 from mtpkit.drafting.base import Drafter
 from mtpkit.drafting.calibrator import ConfidenceCalibrator
 from mtpkit.drafting.lookup import PromptLookup
@@ -31,7 +31,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.tree import widen_choices
 
 DRAFTS = {"hybrid": ("heads", "lookup", "suffix"), "heads": ("heads",), "lookup": ("lookup",),
-          "suffix": ("suffix",)}
+          "suffix": ("suffix",), "none": ()}  # none: plain decoding on mtpkit's kernels, the baseline
 # In a tree chosen per step the heads offer the top 4 children of every node their static tree expands: those
 # cost no drafting, and the chooser verifies them where they pay (measured: 1.91-1.93 accepted tokens per step
 # against 1.87 on 16 held-out prompts, 2 per category; 1.97 against 1.96 on all 96, at 1.54x vs 1.53x).
@@ -122,12 +122,14 @@ def remember_calibrator(decoder: SpeculativeDecoder, path: Path) -> None:
 
 def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="auto", remember: Path | None = None,
                   **sampling):
-    """The decoder for ``--draft``: the heads' static tree alone ("heads"), or a tree chosen per step from the
+    """The decoder for ``--draft``: plain decoding ("none"), the heads' static tree alone ("heads"), or a tree chosen per step from the
     named sources, under this machine's measured forward costs (calibrated once, cached). With ``remember`` (an
     ``acceptance_path``) its calibrator starts from the counts ``remember_calibrator`` kept there."""
     if draft not in DRAFTS:
         raise MtpkitError(f"unknown --draft {draft!r}: choose from {', '.join(DRAFTS)}")
     sources = DRAFTS[draft]
+    if not sources:
+        return PlainDecoder(heads.backbone, **sampling)
     if tree == "auto" and "heads" in sources:
         tree = auto_tree(heads)  # the calibration is wired here: decoding takes a ready tree
     if draft == "heads":

@@ -1,34 +1,43 @@
-"""Few-row linear kernels for CPU decoding and verification, and what a forward over n new tokens costs.
+"""Few-row linear kernels for CPU decoding and verification, chosen by timing whole forwards.
 
-Self-speculative decoding verifies n drafted tokens in one base forward, so on a CPU the speed-up
-is bounded by cost(n) / cost(1), and plain greedy decoding pays a one-row product per layer per
-token. How fast a product over few rows runs depends on the machine, the BLAS and the layer's
-shape, so each layout is chosen by measuring it, never by assumption:
+Self-speculative decoding verifies n drafted tokens in one base forward, and plain decoding pays a
+one-row product per layer per token. How fast a product over few rows runs depends on the machine, the
+BLAS and the shape, so the layout is chosen by measuring, never by assumption:
 
 - ``stock``: ``F.linear`` (``x @ W.T``);
 - ``column``: ``(W @ x.T).T``, which on some CPUs keeps 2-64 rows near one row's cost;
-- ``pair`` (one row only): the row doubled, ``W @ [x; x].T``, one column kept: where the BLAS runs
-  a one-column product single-threaded and a two-column one on every thread, this is faster.
+- ``pair`` (one row only): the row doubled, ``W @ [x; x].T``, one column kept: where the BLAS runs a
+  one-column product single-threaded and a two-column one on every thread, this is much faster.
 
-``kernel_choice`` times them once per (out, in, dtype, threads, bias) in this process, interleaved,
-and keeps a new layout only when it beats the one before it by ``MARGIN``; the answer is cached.
-Only float32 on a CPU is measured; anything else (GPU, bfloat16) stays stock. ``enable_fast_kernels``
-switches a loaded model's ``nn.Linear`` modules to ``fast_linear`` in place (same parameters, no
-weight copies) and measures their shapes there, outside any timed region; ``linear_for`` gives the
-matching function for code that applies a layer's weight itself, such as ``Backbone.logits``.
+A layer timed alone misleads (on an AVX-512 EPYC with MKL each small layer looked as fast stock, while whole
+forwards with every layer on ``pair`` were 1.6x faster), so ``choose_kernels`` times *whole forwards* (decoder
+plus logits) with every layer on each layout, for one new token and for each verification size, interleaved
+and repeated, and keeps the fastest per size (``KernelPlan``). When a forward over two tokens measures
+cheaper than the fastest one-token forward, plain decoding runs its token padded to two
+(``KernelPlan.padded_token``): mtpkit's plain greedy is then the fastest plain decoding it can do here, and
+the baseline every speculation gain is measured against. The measurement is cached per machine and model
+(``kernel_measurement``). Only float32 on a CPU is measured; anything else (GPU, bfloat16) stays stock.
 
-Measure it (timings to stderr, stock and fast interleaved)::
+``enable_fast_kernels`` switches a loaded model's ``nn.Linear`` modules to ``FastLinear`` in place (same
+parameters, no weight copies) on a plan; ``linear_for`` gives the matching function for code that applies a
+layer's weight itself, such as ``Backbone.logits``.
 
-    python -m mtpkit.kernels --layer 49152x576            # one layer, every layout, no model
-    python -m mtpkit.kernels --model smollm2-135m --json kernels.json
+Measure it (timings to stderr)::
+
+    python -m mtpkit.kernels --model smollm2-135m --json kernels.json    # whole forwards, every layout
+    python -m mtpkit.kernels --layer 49152x576                           # one layer alone, no model
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
+import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Iterable, Optional
 
@@ -37,14 +46,15 @@ import typer
 from torch import nn
 from torch.nn import functional as F
 
-DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+from mtpkit.files import atomic_write_text, cache_root
+
+DEFAULT_SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)  # every size decoding verifies, roughly
 MAX_FAST_ROWS = 64  # above this MKL's x @ W.T is as fast (prefill, training batches): keep it stock
-ONE_ROW_FORMS = ("stock", "column", "pair")  # in order of preference: a later one must beat the earlier by MARGIN
-FEW_ROW_FORMS = ("stock", "column")
-FEW_ROWS_PROBE = 8  # the row count at which 2..MAX_FAST_ROWS rows are measured (a typical verification)
-MARGIN = 0.10  # a layout replaces the one before it only if at least 10% faster: noise never flips a choice
-CHOICE_REPEATS = 7
-SAMPLE_SECONDS = 2e-3  # each timing sample lasts about this long (many calls of a small layer)
+ONE_ROW_LAYOUTS = ("stock", "column", "pair")  # in order of preference: a later one must beat the earlier by MARGIN
+FEW_ROW_LAYOUTS = ("stock", "column")
+MARGIN = 0.03  # on whole forwards a layout replaces the one before it only if at least 3% faster
+CHOICE_REPEATS = 5  # timed rounds of whole forwards per layout and size (after one warm-up round)
+FORMAT_VERSION = 1  # of the cached whole-forward measurement
 
 
 def _stock(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -65,21 +75,62 @@ FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tor
 
 
 @dataclass(frozen=True)
-class KernelChoice:
-    """The measured-fastest layout of one layer shape: for one row, and for 2..MAX_FAST_ROWS rows."""
+class KernelPlan:
+    """The layout every linear layer runs for a product over n rows, and how plain decoding feeds its token.
+
+    ``few_rows``: (rows, layout) per measured verification size, ascending; a size in between runs the layout of
+    the nearest measured size below it. Over ``MAX_FAST_ROWS`` rows (prefill, training) everything is stock.
+    """
 
     one_row: str = "stock"
-    few_rows: str = "stock"
+    few_rows: tuple[tuple[int, str], ...] = ()
+    padded_token: bool = False  # plain decoding runs its token as a forward over two (the token, repeated)
+
+    def layout(self, rows: int) -> str:
+        if rows == 1:
+            return self.one_row
+        chosen = "stock"
+        if rows <= MAX_FAST_ROWS:
+            for size, layout in self.few_rows:
+                if size > rows:
+                    break
+                chosen = layout
+        return chosen
+
+    @classmethod
+    def everywhere(cls, layout: str) -> "KernelPlan":
+        """Every layer on ``layout`` for every row count it applies to (``pair``: one row; column above)."""
+        if layout not in FORMS:
+            raise ValueError(f"unknown layout {layout!r}: choose from {', '.join(FORMS)}")
+        return cls(layout, ((2, "column" if layout == "pair" else layout),))
+
+    def describe(self) -> str:
+        """One line: '1 row pair, 2-64 rows column, token padded to 2'."""
+        spans, sizes = [], list(self.few_rows)
+        for index, (size, layout) in enumerate(sizes):
+            if spans and spans[-1][2] == layout:
+                spans[-1][1] = size
+                continue
+            spans.append([size, size, layout])
+        for span, following in zip(spans, spans[1:] + [None]):
+            span[1] = following[0] - 1 if following else MAX_FAST_ROWS
+        parts = [f"1 row {self.one_row}"] + [f"{a}-{b} rows {layout}" if a < b else f"{a} rows {layout}"
+                                               for a, b, layout in spans]
+        if self.padded_token:
+            parts.append("token padded to 2")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"one_row": self.one_row, "few_rows": [list(pair) for pair in self.few_rows],
+                "padded_token": self.padded_token}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KernelPlan":
+        return cls(str(data["one_row"]), tuple((int(n), str(layout)) for n, layout in data["few_rows"]),
+                   bool(data["padded_token"]))
 
 
-STOCK = KernelChoice()
-FEW_ROWS_LAYOUT = "column"  # measured on whole forwards, not per layer (see kernel_choice)
-_CHOICES: dict[tuple, KernelChoice] = {}
-
-
-def kernel_key(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
-    """What a layout's speed depends on: shape, dtype, layout of the weight, bias, thread count."""
-    return weight.shape, weight.dtype, weight.is_contiguous(), bias is None, torch.get_num_threads()
+STOCK = KernelPlan()
 
 
 def measurable(weight: torch.Tensor) -> bool:
@@ -97,63 +148,18 @@ def pick_fastest(seconds: dict[str, float], forms: Iterable[str], margin: float 
     return best
 
 
-@torch.no_grad()
-def time_forms(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, forms: Iterable[str],
-               repeats: int = CHOICE_REPEATS) -> dict[str, float]:
-    """Median seconds of one call of each layout on ``rows`` random rows, interleaved sample by sample after a
-    warm-up. A sample times enough calls to last ``SAMPLE_SECONDS``: one call of a small layer lasts tens of
-    microseconds, about what waking the threads costs, so single calls would choose by noise."""
-    forms = tuple(forms)
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    for form in forms:
-        FORMS[form](x, weight, bias).contiguous()
-    start = time.perf_counter()
-    FORMS[forms[0]](x, weight, bias).contiguous()
-    calls = max(1, min(200, round(SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-7))))
-    samples: dict[str, list[float]] = {form: [] for form in forms}
-    for _ in range(repeats):
-        for form in forms:
-            start = time.perf_counter()
-            for _ in range(calls):
-                FORMS[form](x, weight, bias).contiguous()
-            samples[form].append((time.perf_counter() - start) / calls)
-    return {form: statistics.median(times) for form, times in samples.items()}
-
-
-def kernel_choice(weight: torch.Tensor, bias: torch.Tensor | None = None) -> KernelChoice:
-    """This layer shape's fastest layouts on this machine: measured on first use, then cached."""
-    if not measurable(weight):
-        return STOCK
-    key = kernel_key(weight, bias)
-    choice = _CHOICES.get(key)
-    if choice is None:
-        weight, bias = weight.detach(), None if bias is None else bias.detach()
-        one_row = pick_fastest(time_forms(weight, bias, 1, ONE_ROW_FORMS), ONE_ROW_FORMS)
-        # 2..64 rows: a layer timed alone misleads (small layers looked as fast stock), while whole forwards
-        # over 2-16 tokens were 1.1-1.4x faster with every layer on the column layout (python -m mtpkit.kernels)
-        choice = _CHOICES[key] = KernelChoice(one_row, FEW_ROWS_LAYOUT)
-    return choice
-
-
-def remember_choice(weight: torch.Tensor, bias: torch.Tensor | None, choice: KernelChoice) -> None:
-    """Set a layer shape's layouts without measuring (tests, or a choice measured elsewhere)."""
-    _CHOICES[kernel_key(weight, bias)] = choice
-
-
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                max_rows: int = MAX_FAST_ROWS) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` on the layout measured fastest for this shape when x has at most
-    ``max_rows`` rows (``kernel_choice``).
+                plan: KernelPlan = STOCK) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on ``plan``'s layout for x's row count.
 
     Only float32 CPU inputs are ever routed elsewhere; anything else is passed to ``F.linear``. The result
     is contiguous and equal to stock up to summation order (about 1e-5); autograd works on every layout.
     """
     features = x.shape[-1]
     rows = x.numel() // features if features else 0
-    if not (0 < rows <= max_rows) or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype:
+    if not (0 < rows <= MAX_FAST_ROWS) or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != x.dtype:
         return F.linear(x, weight, bias)
-    choice = _CHOICES.get(kernel_key(weight, bias)) or kernel_choice(weight, bias)  # a dict hit on the hot path
-    form = choice.one_row if rows == 1 else choice.few_rows
+    form = plan.layout(rows)
     if form == "stock":
         return F.linear(x, weight, bias)
     out = FORMS[form](x.reshape(rows, features), weight, bias)
@@ -161,27 +167,29 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 class FastLinear(nn.Linear):
-    """An ``nn.Linear`` whose forward is ``fast_linear``: same parameters and state, other matmul layout."""
+    """An ``nn.Linear`` whose forward is ``fast_linear`` on its plan: same parameters and state, other layout."""
+
+    kernel_plan: KernelPlan = STOCK
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return fast_linear(input, self.weight, self.bias)
+        return fast_linear(input, self.weight, self.bias, self.kernel_plan)
 
 
-def enable_fast_kernels(model: nn.Module) -> int:
-    """Switch every plain ``nn.Linear`` of ``model`` to ``FastLinear``; returns how many now run fast.
+def enable_fast_kernels(model: nn.Module, plan: KernelPlan) -> int:
+    """Switch every plain ``nn.Linear`` of ``model`` to ``FastLinear`` on ``plan``; returns how many run on it.
 
-    The switch changes each module's class in place, so parameters (tied ones included), hooks,
-    state-dict keys and optimizer references are untouched and nothing is copied. Subclasses of
-    ``nn.Linear`` (LoRA layers, quantized layers) are left alone. Calling it twice is harmless. Each
-    new layer shape is measured here (``kernel_choice``), so no timed forward pays for it later.
+    The switch changes each module's class in place, so parameters (tied ones included), hooks, state-dict keys
+    and optimizer references are untouched and nothing is copied. Subclasses of ``nn.Linear`` (LoRA layers,
+    quantized layers) are left alone. Calling it again only changes the plan. Layers whose weights are not float32
+    on a CPU run stock whatever the plan says (``fast_linear``).
     """
     count = 0
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = FastLinear
         if type(module) is FastLinear:
+            module.kernel_plan = plan
             count += 1
-            kernel_choice(module.weight, module.bias)
     return count
 
 
@@ -191,28 +199,21 @@ def disable_fast_kernels(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is FastLinear:
             module.__class__ = nn.Linear
+            del module.kernel_plan
             count += 1
     return count
 
 
-def uses_fast_kernels(model: nn.Module) -> bool:
-    """Whether ``enable_fast_kernels`` switched (some of) this model's linear layers."""
-    return any(type(module) is FastLinear for module in model.modules())
-
-
-def kernel_choices(model: nn.Module) -> dict[str, str]:
-    """The layouts a model's fast layers run on, by shape ("576x576": "column/stock"); empty on stock kernels."""
-    choices = {}
-    for module in model.modules():
-        if type(module) is FastLinear:
-            choice = kernel_choice(module.weight, module.bias)
-            choices["x".join(map(str, module.weight.shape))] = f"{choice.one_row}/{choice.few_rows}"
-    return dict(sorted(choices.items()))
+def kernel_plan(model: nn.Module) -> KernelPlan:
+    """The plan ``model``'s fast layers run on (``STOCK`` when none was switched)."""
+    return next((module.kernel_plan for module in model.modules() if type(module) is FastLinear), STOCK)
 
 
 def linear_for(layer: nn.Module) -> Callable[..., torch.Tensor]:
-    """The function that applies ``layer``'s kind of kernel to any weight: ``fast_linear`` or ``F.linear``."""
-    return fast_linear if isinstance(layer, FastLinear) else F.linear
+    """The function that applies ``layer``'s kind of kernel to any weight: ``fast_linear`` on its plan, or ``F.linear``."""
+    if type(layer) is FastLinear:
+        return functools.partial(fast_linear, plan=layer.kernel_plan)
+    return F.linear
 
 
 def relative_cost(costs: dict[int, float]) -> dict[int, float]:
@@ -252,39 +253,14 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def compare_kernels(backbone, sizes: Iterable[int] = DEFAULT_SIZES, context: int = 128, repeats: int = 7,
-                    modes: Iterable[str] = ("stock", "fast")) -> dict[str, dict[int, float]]:
-    """Median seconds of one base forward (decoder + logits at all n positions) per kernel mode and n.
-
-    Modes are interleaved call by call (n, then stock, then fast) so that load from other processes
-    falls on all of them alike; one warm-up call per mode and n precedes the timed ones. The model is
-    left on the kernels it had before.
-    """
-    sizes, modes = sorted(set(sizes)), tuple(modes)
-    model = backbone.model
-    was_fast = uses_fast_kernels(model)
-    switch = {"stock": disable_fast_kernels, "fast": enable_fast_kernels}
-    timer = _ForwardTimer(backbone, context, max(sizes))
-    samples: dict[str, dict[int, list[float]]] = {mode: {n: [] for n in sizes} for mode in modes}
-    try:
-        for round_index in range(repeats + 1):
-            for n in sizes:
-                for mode in modes:
-                    switch[mode](model)
-                    elapsed = timer(n)
-                    if round_index > 0:  # round 0 is the warm-up
-                        samples[mode][n].append(elapsed)
-    finally:
-        (enable_fast_kernels if was_fast else disable_fast_kernels)(model)
-    return {mode: {n: statistics.median(times) for n, times in by_n.items()} for mode, by_n in samples.items()}
-
-
-@torch.no_grad()
 def measure_forward_cost(backbone, sizes: Iterable[int] = DEFAULT_SIZES, context: int = 128,
-                         repeats: int = 7) -> dict[int, float]:
-    """Median seconds of one base forward over n new tokens after ``context`` cached ones, on the
-    model's current kernels: decoder plus logits at all n positions, cache cropped back after each call."""
+                         repeats: int = CHOICE_REPEATS) -> dict[int, float]:
+    """Median seconds of one base forward over n new tokens after ``context`` cached ones, on the model's current
+    kernels (as they are: no layout is tried): decoder plus logits at all n positions, cache cropped back after
+    each call."""
     sizes = sorted(set(sizes))
+    if backbone.max_context is not None:
+        context = max(1, min(context, backbone.max_context - max(sizes) - 1))
     timer = _ForwardTimer(backbone, context, max(sizes))
     samples: dict[int, list[float]] = {n: [] for n in sizes}
     for round_index in range(repeats + 1):
@@ -295,41 +271,212 @@ def measure_forward_cost(backbone, sizes: Iterable[int] = DEFAULT_SIZES, context
     return {n: statistics.median(times) for n, times in samples.items()}
 
 
-@torch.no_grad()
-def compare_logits(backbone, input_ids: torch.Tensor) -> dict[str, float]:
-    """Stock vs fast logits on the same inputs: largest absolute difference and argmax agreement.
+@dataclass
+class KernelMeasurement:
+    """Whole-forward seconds per layout and size on this machine, and the plan chosen from them."""
 
-    ``input_ids`` is cut into pieces of ``MAX_FAST_ROWS`` tokens so every piece takes the fast path.
+    seconds: dict[str, dict[int, float]]  # layout -> new tokens n -> median seconds (decoder + logits at n rows)
+    plan: KernelPlan
+    context: int = 128
+    repeats: int = CHOICE_REPEATS
+    machine: dict = field(default_factory=dict)
+
+    def token_seconds(self) -> float:
+        """What plain decoding's token costs on the plan: one row, or two when padded."""
+        return self.seconds_on_plan(2 if self.plan.padded_token else 1)
+
+    def seconds_on_plan(self, n: int) -> float:
+        return self.seconds[self.plan.layout(n)][n]
+
+    def forward_cost(self) -> dict[int, float]:
+        """Seconds of a forward over n tokens as decoding runs it: n = 1 is plain decoding's token."""
+        cost = {n: self.seconds_on_plan(n) for n in sorted(self.seconds["stock"]) if n > 1}
+        return {1: self.token_seconds(), **cost}
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT_VERSION, "plan": self.plan.to_dict(), "plan_text": self.plan.describe(),
+                "context": self.context, "repeats": self.repeats, "machine": self.machine,
+                "seconds": {layout: {str(n): s for n, s in by_n.items()} for layout, by_n in self.seconds.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KernelMeasurement":
+        if data.get("format") != FORMAT_VERSION:
+            raise ValueError("another format")
+        seconds = {layout: {int(n): float(s) for n, s in by_n.items()} for layout, by_n in data["seconds"].items()}
+        return cls(seconds, KernelPlan.from_dict(data["plan"]), int(data["context"]), int(data["repeats"]),
+                   dict(data.get("machine", {})))
+
+
+def plan_from_seconds(seconds: dict[str, dict[int, float]], margin: float = MARGIN) -> KernelPlan:
+    """The fastest layout per size (a later layout must win by ``margin``), and whether plain decoding's token
+    runs cheaper padded to two rows than alone."""
+    sizes = sorted(seconds["stock"])
+    one = {layout: by_n[1] for layout, by_n in seconds.items() if 1 in by_n and layout in ONE_ROW_LAYOUTS}
+    one_row = pick_fastest(one, ONE_ROW_LAYOUTS, margin)
+    few_rows = tuple((n, pick_fastest({layout: seconds[layout][n] for layout in FEW_ROW_LAYOUTS if n in seconds.get(layout, {})},
+                                      FEW_ROW_LAYOUTS, margin)) for n in sizes if n > 1)
+    plan = KernelPlan(one_row, few_rows)
+    padded = 2 in seconds["stock"] and seconds[plan.layout(2)][2] < (1 - margin) * one[one_row]
+    return KernelPlan(one_row, few_rows, padded)
+
+
+@torch.no_grad()
+def choose_kernels(backbone, sizes: Iterable[int] = DEFAULT_SIZES, context: int = 128,
+                   repeats: int = CHOICE_REPEATS) -> KernelMeasurement:
+    """Time whole base forwards over n new tokens with every layer on each layout, and choose per size.
+
+    Layouts are interleaved call by call, their order rotating each round, so that load from other processes
+    falls on all of them alike; round 0 is a warm-up. One token is timed on stock, column and pair, every other
+    size on stock and column. The model is left on the kernels it had before.
+    """
+    sizes = sorted(set(sizes) | {1, 2})
+    model = backbone.model
+    before = kernel_plan(model) if uses_fast_kernels(model) else None
+    if backbone.max_context is not None:
+        context = max(1, min(context, backbone.max_context - max(sizes) - 1))
+    timer = _ForwardTimer(backbone, context, max(sizes))
+    samples: dict[str, dict[int, list[float]]] = {layout: {} for layout in ONE_ROW_LAYOUTS}
+    try:
+        for round_index in range(repeats + 1):
+            for n in sizes:
+                layouts = ONE_ROW_LAYOUTS if n == 1 else FEW_ROW_LAYOUTS
+                shift = round_index % len(layouts)
+                for layout in layouts[shift:] + layouts[:shift]:
+                    enable_fast_kernels(model, KernelPlan.everywhere(layout))
+                    elapsed = timer(n)
+                    if round_index > 0:
+                        samples[layout].setdefault(n, []).append(elapsed)
+    finally:
+        if before is None:
+            disable_fast_kernels(model)
+        else:
+            enable_fast_kernels(model, before)
+    seconds = {layout: {n: statistics.median(times) for n, times in by_n.items()} for layout, by_n in samples.items()}
+    return KernelMeasurement(seconds, plan_from_seconds(seconds), context, repeats, machine_key(backbone))
+
+
+def uses_fast_kernels(model: nn.Module) -> bool:
+    """Whether ``enable_fast_kernels`` switched (some of) this model's linear layers."""
+    return any(type(module) is FastLinear for module in model.modules())
+
+
+def machine_key(backbone) -> dict:
+    """What a layout's speed depends on besides the model: processor, threads, torch, device and dtype."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = ""
+    try:
+        words = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+        flags = " ".join(sorted(w for w in words if w.startswith(("avx", "amx"))))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": str(backbone.device), "dtype": str(backbone.dtype)}
+
+
+def kernel_measurement(backbone, refresh: bool = False) -> KernelMeasurement:
+    """This model's whole-forward measurement on this machine: from the cache (``cache_root() / "kernels"``,
+    keyed by the model's fingerprint and ``machine_key``), else measured now and cached. Outside float32 on a
+    CPU nothing is measured: everything runs stock."""
+    if not measurable(backbone.model.get_input_embeddings().weight):
+        return KernelMeasurement({"stock": {}}, STOCK, 0, 0, machine_key(backbone))
+    machine = machine_key(backbone)
+    key = hashlib.sha256(json.dumps([FORMAT_VERSION, backbone.fingerprint, machine], sort_keys=True).encode())
+    path = cache_root() / "kernels" / f"{key.hexdigest()[:24]}.json"
+    if path.is_file() and not refresh:
+        try:
+            return KernelMeasurement.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged or older entry is measured again
+    measurement = choose_kernels(backbone)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(measurement.to_dict(), indent=2, sort_keys=True) + "\n")
+    return measurement
+
+
+def use_measured_kernels(backbone, *modules: nn.Module) -> KernelMeasurement:
+    """Put ``backbone``'s model and ``modules`` (the draft heads) on the plan measured for it; return the
+    measurement (its costs feed the tree chooser)."""
+    measurement = kernel_measurement(backbone)
+    for module in (backbone.model, *modules):
+        enable_fast_kernels(module, measurement.plan)
+    return measurement
+
+
+@torch.no_grad()
+def compare_logits(backbone, input_ids: torch.Tensor, plan: KernelPlan) -> dict[str, float]:
+    """Stock vs ``plan`` logits on the same inputs: largest absolute difference and argmax agreement.
+
+    ``input_ids`` is fed one token at a time for the first 32 (the one-row layout) and then in pieces of growing
+    size, so every layout of the plan is exercised.
     """
     model = backbone.model
-    was_fast = uses_fast_kernels(model)
+    before = kernel_plan(model) if uses_fast_kernels(model) else None
+    ids = input_ids.to(backbone.device)
     outputs = {}
     try:
-        for mode, switch in (("stock", disable_fast_kernels), ("fast", enable_fast_kernels)):
-            switch(model)
-            pieces = input_ids.to(backbone.device).split(MAX_FAST_ROWS, dim=-1)
-            outputs[mode] = torch.cat([backbone.logits(backbone.hidden(piece).last_hidden_state) for piece in pieces], 1)
+        for mode in ("stock", "plan"):
+            disable_fast_kernels(model) if mode == "stock" else enable_fast_kernels(model, plan)
+            cache, pieces, start, size = None, [], 0, 1
+            while start < ids.shape[1]:
+                piece = ids[:, start:start + size]
+                out = backbone.hidden(piece, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                pieces.append(backbone.logits(out.last_hidden_state))
+                start += piece.shape[1]
+                size = 1 if start < 32 else min(2 * size, MAX_FAST_ROWS) if size > 1 else 2
+            outputs[mode] = torch.cat(pieces, 1)
     finally:
-        (enable_fast_kernels if was_fast else disable_fast_kernels)(model)
-    stock, fast = outputs["stock"], outputs["fast"]
+        disable_fast_kernels(model) if before is None else enable_fast_kernels(model, before)
+    stock, fast = outputs["stock"], outputs["plan"]
     return {"max_abs_diff": (stock - fast).abs().max().item(),
             "argmax_agreement": (stock.argmax(-1) == fast.argmax(-1)).float().mean().item(),
             "positions": stock.shape[0] * stock.shape[1]}
 
 
-def layer_report(shapes: Iterable[tuple[int, int]], repeats: int = 9) -> list[dict]:
-    """Every layout of each (out, in) float32 layer on 1 and ``FEW_ROWS_PROBE`` rows: median ms and the choice."""
-    rows = []
+# --------------------------------------------------------------------------- diagnostics: one layer alone
+
+
+SAMPLE_SECONDS = 2e-3  # each timing sample of one layer lasts about this long (many calls of a small layer)
+
+
+@torch.no_grad()
+def time_forms(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, forms: Iterable[str],
+               repeats: int = 7) -> dict[str, float]:
+    """Median seconds of one call of each layout of one layer on ``rows`` random rows, interleaved. A diagnostic:
+    layouts are chosen on whole forwards (``choose_kernels``), since layers timed alone rank them otherwise."""
+    forms = tuple(forms)
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    for form in forms:
+        FORMS[form](x, weight, bias).contiguous()
+    start = time.perf_counter()
+    FORMS[forms[0]](x, weight, bias).contiguous()
+    calls = max(1, min(200, round(SAMPLE_SECONDS / max(time.perf_counter() - start, 1e-7))))
+    samples: dict[str, list[float]] = {form: [] for form in forms}
+    for _ in range(repeats):
+        for form in forms:
+            start = time.perf_counter()
+            for _ in range(calls):
+                FORMS[form](x, weight, bias).contiguous()
+            samples[form].append((time.perf_counter() - start) / calls)
+    return {form: statistics.median(times) for form, times in samples.items()}
+
+
+def layer_report(shapes: Iterable[tuple[int, int]], repeats: int = 9, rows: int = 8) -> list[dict]:
+    """Every layout of each (out, in) float32 layer alone on 1 and ``rows`` rows: median ms."""
+    report = []
     for out_features, in_features in shapes:
         weight = torch.randn(out_features, in_features) / in_features ** 0.5
-        one = time_forms(weight, None, 1, ONE_ROW_FORMS, repeats)
-        few = time_forms(weight, None, FEW_ROWS_PROBE, FEW_ROW_FORMS, repeats)
-        rows.append({"out": out_features, "in": in_features, "threads": torch.get_num_threads(),
-                     "one_row_ms": {form: s * 1e3 for form, s in one.items()},
-                     "few_rows_ms": {form: s * 1e3 for form, s in few.items()},
-                     "choice": asdict(KernelChoice(pick_fastest(one, ONE_ROW_FORMS),
-                                                   pick_fastest(few, FEW_ROW_FORMS)))})
-    return rows
+        one = time_forms(weight, None, 1, ONE_ROW_LAYOUTS, repeats)
+        few = time_forms(weight, None, rows, FEW_ROW_LAYOUTS, repeats)
+        report.append({"out": out_features, "in": in_features, "threads": torch.get_num_threads(),
+                       "one_row_ms": {form: s * 1e3 for form, s in one.items()},
+                       "few_rows_ms": {form: s * 1e3 for form, s in few.items()}, "few_rows": rows})
+    return report
 
 
 def model_shapes(model: nn.Module) -> list[tuple[int, int]]:
@@ -342,19 +489,35 @@ def _layer_table(rows: list[dict]):
     from rich import box
     from rich.table import Table
 
-    table = Table(title=f"one float32 linear layer, {torch.get_num_threads()} threads: median ms",
-                  caption=f"1: / {FEW_ROWS_PROBE}: one row / {FEW_ROWS_PROBE} rows; col: (W @ x.T).T; pair: the row "
-                          "doubled, one column kept; gain: 1-row stock over the chosen layout",
+    few = rows[0]["few_rows"] if rows else 8
+    table = Table(title=f"one float32 linear layer alone, {torch.get_num_threads()} threads: median ms",
+                  caption=f"1: / {few}: one row / {few} rows; col: (W @ x.T).T; pair: the row doubled, one column "
+                          "kept. A diagnostic: layouts are chosen on whole forwards",
                   caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("shape", "1:stock", "1:col", "1:pair", "gain", f"{FEW_ROWS_PROBE}:stock", f"{FEW_ROWS_PROBE}:col",
-                   "chosen"):
+    for column in ("shape", "1:stock", "1:col", "1:pair", f"{few}:stock", f"{few}:col"):
         table.add_column(column, justify="right", no_wrap=True)
-    short = {"stock": "stock", "column": "col", "pair": "pair"}
     for row in rows:
-        one, few, choice = row["one_row_ms"], row["few_rows_ms"], row["choice"]
-        table.add_row(f"{row['out']}x{row['in']}", *(f"{one[f]:.3g}" for f in ONE_ROW_FORMS),
-                      f"{one['stock'] / one[choice['one_row']]:.2f}x",
-                      *(f"{few[f]:.3g}" for f in FEW_ROW_FORMS), f"{short[choice['one_row']]}/{short[choice['few_rows']]}")
+        one, many = row["one_row_ms"], row["few_rows_ms"]
+        table.add_row(f"{row['out']}x{row['in']}", *(f"{one[f]:.3g}" for f in ONE_ROW_LAYOUTS),
+                      *(f"{many[f]:.3g}" for f in FEW_ROW_LAYOUTS))
+    return table
+
+
+def forward_table(measurement: KernelMeasurement, title: str):
+    """Whole-forward milliseconds per layout and size, the chosen layout, and cost(n) / plain token's cost."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, caption=f"chosen: {measurement.plan.describe()}. n/token: a forward over n tokens "
+                                       "on the chosen layouts over plain decoding's token",
+                  caption_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("n", "stock ms", "column ms", "pair ms", "chosen", "n/token"):
+        table.add_column(column, justify="right")
+    token = measurement.token_seconds()
+    for n in sorted(measurement.seconds["stock"]):
+        cells = [f"{measurement.seconds[layout][n] * 1e3:.1f}" if n in measurement.seconds.get(layout, {}) else "-"
+                 for layout in ONE_ROW_LAYOUTS]
+        table.add_row(str(n), *cells, measurement.plan.layout(n), f"{measurement.seconds_on_plan(n) / token:.2f}")
     return table
 
 
@@ -372,15 +535,13 @@ def main(
     model: Annotated[str, typer.Option(help="Base model: alias, local directory, .gguf file or hub id.")] = "smollm2-135m",
     sizes: Annotated[str, typer.Option(help="Comma-separated numbers of new tokens per forward.")] = ",".join(map(str, DEFAULT_SIZES)),
     context: Annotated[int, typer.Option(help="Tokens already in the KV cache.")] = 128,
-    repeats: Annotated[int, typer.Option(help="Timed calls per size and kernel mode (the median is reported).")] = 7,
+    repeats: Annotated[int, typer.Option(help="Timed rounds per size and layout (the median is reported).")] = CHOICE_REPEATS,
     threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
-    layer: Annotated[Optional[list[str]], typer.Option(help="Only time one linear layer of this OUTxIN shape (e.g. 49152x576; repeatable): every layout on 1 and 8 rows, no model loaded.")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option(help="Only time one linear layer of this OUTxIN shape alone (e.g. 49152x576; repeatable): every layout on 1 and 8 rows, no model loaded.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the measurements as JSON to this file.")] = None,
 ) -> dict:
-    """Measure the cost of an n-token forward relative to a 1-token one, stock vs fast kernels."""
-    from rich import box
+    """Time whole forwards over n new tokens with every layer on each layout, and the plan chosen from them."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(stderr=True)
     if repeats < 1 or threads < 1:
@@ -398,37 +559,20 @@ def main(
     from mtpkit.backbone import load_backbone
     from mtpkit.prompts import load_builtin
 
-    size_list = sorted({int(s) for s in sizes.split(",") if s.strip()} | {1})
+    size_list = sorted({int(s) for s in sizes.split(",") if s.strip()} | {1, 2})
     with console.status(f"loading {model}"):
         backbone = load_backbone(model)
-    with console.status("timing every layout of each layer shape"):
-        layers = layer_report(model_shapes(backbone.model), repeats)
-    console.print(_layer_table(layers))
+    with console.status(f"timing whole forwards: {len(size_list)} sizes x every layout x {repeats + 1} rounds"):
+        measurement = choose_kernels(backbone, size_list, context=context, repeats=repeats)
+    console.print(forward_table(measurement, f"forward over n new tokens ({backbone.reference}, {context} cached, "
+                                             f"{threads} threads): median ms"))
     text = " ".join(record["prompt"] for record in load_builtin()[:40])
     real_ids = backbone.tokenizer(text, return_tensors="pt").input_ids[:, :4 * MAX_FAST_ROWS]
     with console.status("comparing logits"):
-        numerics = compare_logits(backbone, real_ids)
-    with console.status(f"timing {len(size_list)} sizes x 2 kernels x {repeats + 1} calls"):
-        costs = compare_kernels(backbone, size_list, context=context, repeats=repeats)
-    relative = {mode: relative_cost(by_n) for mode, by_n in costs.items()}
-
-    table = Table(title=f"forward over n new tokens ({backbone.reference}, {context} cached, {threads} threads)",
-                  caption=f"logits fast vs stock on {numerics['positions']} real tokens: max |diff| "
-                          f"{numerics['max_abs_diff']:.1e}, argmax agreement {numerics['argmax_agreement']:.1%}; "
-                          f"n/1: cost(n)/cost(1); fast ms at n=1 is mtpkit's greedy step, stock ms transformers'",
-                  caption_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("n", "stock ms", "fast ms", "stock n/1", "fast n/1", "fast speed-up"):
-        table.add_column(column, justify="right")
-    for n in size_list:
-        stock, fast = costs["stock"][n], costs["fast"][n]
-        table.add_row(str(n), f"{stock * 1e3:.1f}", f"{fast * 1e3:.1f}", f"{relative['stock'][n]:.2f}",
-                      f"{relative['fast'][n]:.2f}", f"{stock / fast:.2f}x")
-    console.print(table)
-
-    report = {"model": backbone.reference, "context": context, "repeats": repeats, "threads": threads,
-              "torch": torch.__version__, "max_fast_rows": MAX_FAST_ROWS, "numerics": numerics, "layers": layers,
-              "seconds": {mode: {str(n): s for n, s in by_n.items()} for mode, by_n in costs.items()},
-              "relative": {mode: {str(n): r for n, r in by_n.items()} for mode, by_n in relative.items()}}
+        numerics = compare_logits(backbone, real_ids, measurement.plan)
+    console.print(f"logits on the chosen plan vs stock on {numerics['positions']} real tokens: max |diff| "
+                  f"{numerics['max_abs_diff']:.1e}, argmax agreement {numerics['argmax_agreement']:.1%}")
+    report = {"model": backbone.reference, **measurement.to_dict(), "numerics": numerics}
     _write_report(report, json_path, console)
     return report
 

@@ -7,25 +7,28 @@ import math
 import os
 from pathlib import Path
 
-from mtpkit.checkpoint import atomic_write, atomic_write_text
+from mtpkit.files import atomic_write, atomic_write_text
 from mtpkit.errors import MtpkitError
 
-# (long header for Markdown, short header for an 80-column terminal); same order as method_rows' figures
-FIGURES = (("tokens/s (median)", "tokens/s"),
-           ("speed-up over hf-greedy (geo-mean)", "vs hf-greedy (geo)"),
-           ("speed-up over hf-greedy (median)", "vs hf-greedy (med)"),
-           ("speculation gain over greedy (geo-mean)", "vs greedy (geo)"),
-           ("speculation gain over greedy (median)", "vs greedy (med)"),
-           ("accepted tokens/step", "accepted/step"),
-           ("predicted", "predicted"),
-           ("identical vs hf-greedy", "same as hf-greedy"),
-           ("identical vs greedy", "same as greedy"),
-           ("drafting ms/step (median)", "draft ms/step"),
-           ("peak MB", "peak MB"))
-COLUMNS = tuple(long for long, _ in FIGURES)
-CATEGORY_FIGURES = (("speed-up over hf-greedy", "vs hf-greedy"), ("speculation gain over greedy", "vs greedy"),
-                    ("accepted tokens/step", "accepted"), ("identical vs hf-greedy", "same"))
+# (long header for Markdown, short header for an 80-column terminal, key in a method's summary); medians over prompts,
+# each with its 95% bootstrap interval where the summary has one (``<key>_interval``)
+FIGURES = (("tokens/s (median)", "tokens/s", "tokens_per_s"),
+           ("speculation gain over greedy", "vs greedy", "speculation_gain_median"),
+           ("speed-up over hf-greedy", "vs hf-greedy", "speedup_median"),
+           ("accepted tokens/step", "accepted/step", "accepted_median"),
+           ("identical vs greedy", "same as greedy", "identical_rate_vs_greedy"),
+           ("identical vs hf-greedy", "same as hf-greedy", "identical_rate"),
+           ("drafting ms/step (median)", "draft ms/step", "draft_seconds_per_step"),
+           ("peak MB above the model", "peak +MB", "peak_memory_mb"))
+INTERVALS = {"speculation_gain_median": "speculation_gain_interval", "speedup_median": "speedup_interval",
+             "accepted_median": "accepted_interval"}
+COLUMNS = tuple(long for long, _, _ in FIGURES)
+CATEGORY_FIGURES = (("speculation gain over greedy (median)", "vs greedy"),
+                    ("speed-up over hf-greedy (median)", "vs hf-greedy"),
+                    ("accepted tokens/step (median)", "accepted"), ("identical vs greedy", "same"))
 CATEGORY_COLUMNS = tuple(long for long, _ in CATEGORY_FIGURES)
+NO_GAIN_MARK = "\u2020"  # a gain whose 95% interval includes 1.00x
+NO_GAIN_NOTE = f"{NO_GAIN_MARK}: the 95% interval includes 1.00x, so no gain is measured"
 
 
 def _times(value: float | None) -> str:
@@ -40,16 +43,44 @@ def _milliseconds(seconds: float | None) -> str:
     return "-" if seconds is None else f"{1000 * seconds:.1f}"
 
 
-def method_rows(report: dict) -> list[tuple[str, ...]]:
-    """One row of strings per method: its name, then its figures in FIGURES order (Rich and Markdown share it)."""
+def _interval(bounds, ratio: bool) -> str:
+    if not bounds or any(b is None or not math.isfinite(b) for b in bounds):
+        return "-"
+    return f"{bounds[0]:.2f}-{bounds[1]:.2f}" + ("x" if ratio else "")
+
+
+def includes_one(summary: dict, key: str = "speculation_gain_interval") -> bool:
+    bounds = summary.get(key)
+    return bool(bounds) and bounds[0] <= 1.0 <= bounds[1]
+
+
+def _figure(method: str, summary: dict, key: str) -> str:
+    value = summary.get(key)
+    if key == "tokens_per_s":
+        return f"{value:.1f}"
+    if key in ("speculation_gain_median", "speedup_median"):
+        marked = key == "speculation_gain_median" and method != "greedy" and includes_one(summary)
+        return _times(value) + (NO_GAIN_MARK if marked else "")
+    if key == "accepted_median":
+        return f"{value:.2f}"
+    if key.startswith("identical"):
+        return _percent(value)
+    if key == "draft_seconds_per_step":
+        return _milliseconds(value)
+    return "-" if value is None else f"{value:.0f}"
+
+
+def method_rows(report: dict) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Per method: its name and, in FIGURES order, (figure, its interval or "") as strings; Rich and Markdown
+    share them."""
     rows = []
-    for method, m in report["methods"].items():
-        predicted = report.get("predicted_mean_accepted_tokens", {}).get(method)
-        rows.append((method, f"{m['tokens_per_s']:.1f}", _times(m["speedup"]), _times(m["speedup_median"]),
-                     _times(m.get("speculation_gain")), _times(m.get("speculation_gain_median")),
-                     f"{m['mean_accepted_tokens']:.2f}", "-" if predicted is None else f"{predicted:.2f}",
-                     _percent(m["identical_rate"]), _percent(m.get("identical_rate_vs_greedy")),
-                     _milliseconds(m.get("draft_seconds_per_step")), f"{m.get('peak_memory_mb', 0):.0f}"))
+    for method, summary in report["methods"].items():
+        cells = []
+        for _, _, key in FIGURES:
+            interval = INTERVALS.get(key)
+            cells.append((_figure(method, summary, key),
+                          _interval(summary.get(interval), key != "accepted_median") if interval else ""))
+        rows.append((method, cells))
     return rows
 
 
@@ -60,8 +91,8 @@ def category_rows(report: dict) -> list[tuple[str, ...]]:
         for method, m in methods.items():
             if method == "hf-greedy":
                 continue
-            rows.append((category, method, _times(m["speedup"]), _times(m.get("speculation_gain")),
-                         f"{m['mean_accepted_tokens']:.2f}", _percent(m["identical_rate"])))
+            rows.append((category, method, _times(m.get("speculation_gain_median")), _times(m["speedup_median"]),
+                         f"{m['accepted_median']:.2f}", _percent(m.get("identical_rate_vs_greedy"))))
     return rows
 
 
@@ -84,25 +115,32 @@ def check_output_paths(paths: dict[str, Path | None]) -> None:
 
 def setup_line(report: dict) -> str:
     s = report["setup"]
+    plan = f"; greedy's kernels: {s['kernel_plan']}" if s.get("kernel_plan") else ""
     return (f"{s['cpu']} ({s['cpu_count']} CPUs, {s['torch_threads']} torch threads{', ' + s['gpu'] if s.get('gpu') else ''}), "
             f"torch {s['torch']}, transformers {s['transformers']}, mtpkit {s['mtpkit']}; {s['base_model']} "
-            f"{s['dtype']}, {s['style']} x{s['num_heads']} heads, {s['num_prompts']} prompts from {s['prompts']}, "
-            f"{s['max_new_tokens']} new tokens, greedy, batch 1")
+            f"{s['dtype']}, {s['style']} x{s['num_heads']} heads, {s['num_prompts']} prompts from "
+            f"{s.get('prompt_set', s['prompts'])}, {s.get('repeats', 1)} round(s), {s['max_new_tokens']} new tokens, "
+            f"greedy, batch 1{plan}")
 
 
 def to_markdown(report: dict, command: str = "") -> str:
     lines = ["# mtpkit bench", "", f"Setup: {setup_line(report)}.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
-    lines += ["Speed-up is over transformers' greedy `generate` (hf-greedy); speculation gain is over mtpkit's "
-              "own greedy loop on the same kernels (greedy). Both are per-prompt tokens/s ratios (geometric mean "
-              "and median); per prompt and for the geometric means, a method's speed-up = greedy's speed-up x "
-              "its speculation gain.", ""]
+    lines += ["Speculation gain is over mtpkit's plain greedy decoding on the kernel plan measured fastest on whole "
+              "forwards on this machine (greedy: the fastest plain decoding mtpkit knows here); speed-up is over "
+              "transformers' greedy `generate` (hf-greedy). Figures are medians over prompts of per-prompt "
+              "figures, with 95% bootstrap intervals in brackets; " + NO_GAIN_NOTE + ". Peak memory: what one "
+              f"run of the method on the longest prompt ({report['setup'].get('memory_prompt')}) added above the "
+              "resident model.", ""]
     lines += ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in method_rows(report)]
+    for method, cells in method_rows(report):
+        lines.append("| " + " | ".join([method] + [f"{value} [{interval}]" if interval and interval != "-" else value
+                                                   for value, interval in cells]) + " |")
     rows = category_rows(report)
     if rows:
-        lines += ["", "## By category", "", "| category | method | " + " | ".join(CATEGORY_COLUMNS) + " |",
+        lines += ["", "## By category (medians, no intervals: few prompts each)", "",
+                  "| category | method | " + " | ".join(CATEGORY_COLUMNS) + " |",
                   "|---" * (len(CATEGORY_COLUMNS) + 2) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     differences = report.get("first_difference_vs_hf_greedy", {})
@@ -129,17 +167,17 @@ def write_plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in report["methods"] if m != "hf-greedy"]
+    methods = [m for m in report["methods"] if m not in ("hf-greedy", "greedy")]
     groups = report.get("by_category") or {"all": report["methods"]}
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
         xs = [j + i * width for j in range(len(groups))]
-        left.bar(xs, [groups[c][method]["speedup"] for c in groups], width, label=method)
+        left.bar(xs, [groups[c][method]["speculation_gain_median"] or 0.0 for c in groups], width, label=method)
     left.axhline(1.0, color="black", linewidth=0.8)
     left.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(groups))], list(groups), rotation=30)
-    left.set_ylabel("speed-up over hf-greedy (geo-mean)")
-    left.set_title("Speed-up by category")
+    left.set_ylabel("speculation gain over greedy (median)")
+    left.set_title("Gain over the fastest plain greedy, by category")
     left.legend(fontsize=8)
     for method in methods:
         lengths = [n for row in report["prompts"] for n in row["methods"][method]["accepted_lengths"]]

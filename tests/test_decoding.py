@@ -288,7 +288,7 @@ def test_rejection_walk_keeps_the_distribution():
     counts = Counter()
     trials = 20000
     for _ in range(trials):
-        nodes, rejected = rejection_walk(children, child_probs, rng.random)
+        nodes, rejected = rejection_walk(children, lambda node: [child_probs[c] for c in children[node]], rng.random)
         if len(nodes) > 1:
             counts[nodes[1]] += 1
         else:  # all rejected: the caller samples the rest of the distribution (mass .05)

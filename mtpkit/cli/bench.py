@@ -15,23 +15,25 @@ from rich.table import Table
 from mtpkit.cli.common import console, friendly_errors
 
 # mtpkit.bench's DEFAULT_METHODS and METHODS, spelled out so that --help loads no torch (a test keeps them equal)
-DEFAULT_METHODS = "hf-greedy,greedy,hf-pld,mtp-chain,mtp-tree,mtp-hybrid"
-ALL_METHODS = "hf-greedy,greedy,hf-pld,pld,suffix,mtp-chain,mtp-tree,mtp-hybrid"
+DEFAULT_METHODS = "hf-greedy,greedy,hf-pld,pld,mtp-tree,mtp-hybrid"
+ALL_METHODS = "hf-greedy,greedy,greedy-stock,greedy-column,greedy-pair,hf-pld,pld,suffix,mtp-chain,mtp-tree,mtp-hybrid"
 METHODS_PER_TABLE = 5
 
 
 @friendly_errors
 def bench(
     heads_dir: Annotated[Path, typer.Argument(help="Heads directory (from attach or finetune).")],
-    prompts: Annotated[str, typer.Option(help="'builtin' (held-out built-in prompts) or a .jsonl/.jsonl.gz/.txt file.")] = "builtin",
+    prompts: Annotated[str, typer.Option(help="'builtin' (the 96 held-out built-in prompts: a development set, several design choices were tuned on them), 'mt-bench' (MT-Bench's 80 first turns) or a .jsonl/.jsonl.gz/.txt file.")] = "builtin",
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts (categories interleaved).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 128,
-    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {ALL_METHODS} (pld: prompt lookup, suffix: the suffix index of the base's earlier outputs, mtp-hybrid: heads + both in one tree per step, all on mtpkit's loop); hf-greedy and greedy always run (the controls).")] = DEFAULT_METHODS,
+    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {ALL_METHODS} (greedy: mtpkit's plain decoding on the kernels measured fastest here, the control every gain is over; greedy-<layout>: every layer on one layout; pld: prompt lookup, suffix: the suffix index of the base's earlier outputs, mtp-hybrid: heads + both in one tree per step, all on mtpkit's loop); hf-greedy and greedy always run.")] = DEFAULT_METHODS,
+    repeats: Annotated[int, typer.Option(help="Rounds over the prompts: each (prompt, method) is timed this often, the method order rotating per prompt and round; its median time counts.")] = 1,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="After the timed rounds, measure each method's peak memory above the model on the longest prompt.")] = True,
     tree: Annotated[str, typer.Option(help="The heads' tree for mtp-tree and mtp-hybrid: auto, chain or a JSON file of choices.")] = "auto",
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all CPUs).")] = None,
     pld_tokens: Annotated[int, typer.Option(help="Draft length of hf-pld (transformers' prompt_lookup_num_tokens).")] = 10,
-    fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--stock-kernels", help="mtpkit's methods on mtpkit's small-row kernels (float32 on a CPU, where measured to pay).")] = True,
+    fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--stock-kernels", help="mtpkit's methods on the kernel layouts measured fastest on whole forwards (float32 on a CPU; measured once, then cached).")] = True,
     model: Annotated[Optional[str], typer.Option(help="Override the base model named in the heads config.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (outside float32 the identical-output rate is measured, not promised).")] = "float32",
@@ -47,7 +49,8 @@ def bench(
     # everything cheap is checked before the model loads
     settings = BenchSettings(prompts=prompts, limit=limit, max_new_tokens=max_new_tokens,
                              methods=tuple(m.strip() for m in methods.split(",") if m.strip()), tree=tree,
-                             chat=chat, threads=threads, pld_tokens=pld_tokens, fast_kernels=fast_kernels,
+                             chat=chat, threads=threads, pld_tokens=pld_tokens, repeats=repeats, memory=memory,
+                             fast_kernels=fast_kernels,
                              device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     check_output_paths({"--json": json_path, "--markdown": markdown, "--plot": plot})
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -76,8 +79,9 @@ def bench(
 
 
 def summary_tables(report: dict) -> list[Table]:
-    """The report for a terminal: a figure per row and a method per column, so it fits 80 columns."""
-    from mtpkit.report import CATEGORY_FIGURES, FIGURES, category_rows, method_rows, setup_line
+    """The report for a terminal: a figure per row (its 95% interval on the row below) and a method per column,
+    so it fits 80 columns."""
+    from mtpkit.report import CATEGORY_FIGURES, FIGURES, NO_GAIN_NOTE, category_rows, method_rows, setup_line
 
     rows = method_rows(report)
     # at most METHODS_PER_TABLE method columns fit 80 columns: more methods make more tables, evenly filled
@@ -86,19 +90,23 @@ def summary_tables(report: dict) -> list[Table]:
     tables = []
     for start in range(0, len(rows), size):
         last = start + size >= len(rows)
-        caption = (f"{setup_line(report)}. vs hf-greedy: speed-up over transformers' greedy; vs greedy: speculation "
-                   "gain over mtpkit's greedy on the same kernels (per-prompt ratios: geometric mean, median)")
+        caption = (f"{setup_line(report)}. Medians over prompts; 95%: bootstrap interval. vs greedy: speculation "
+                   "gain over mtpkit's plain greedy on the kernels measured fastest here; vs hf-greedy: speed-up "
+                   f"over transformers' greedy. {NO_GAIN_NOTE}")
         table = Table(title="mtpkit bench" if not start else None, caption=caption if last else None,
                       caption_justify="left", box=box.SIMPLE_HEAD)
         table.add_column("")
-        for row in rows[start:start + size]:
-            table.add_column(row[0], justify="right", no_wrap=True)
-        for index, (_, short) in enumerate(FIGURES, start=1):
-            table.add_row(short, *(row[index] for row in rows[start:start + size]))
+        chunk = rows[start:start + size]
+        for method, _ in chunk:
+            table.add_column(method, justify="right", no_wrap=True)
+        for index, (_, short, _) in enumerate(FIGURES):
+            table.add_row(short, *(cells[index][0] for _, cells in chunk))
+            if any(cells[index][1] for _, cells in chunk):
+                table.add_row("  95%", *(cells[index][1] for _, cells in chunk))
         tables.append(table)
     by_category = category_rows(report)
     if by_category:
-        table = Table(title="by category", box=box.SIMPLE_HEAD)
+        table = Table(title="by category (medians)", box=box.SIMPLE_HEAD)
         for column in ("category", "method", *(short for _, short in CATEGORY_FIGURES)):
             table.add_column(column, justify="left" if column in ("category", "method") else "right")
         for row in by_category:

@@ -71,7 +71,7 @@ def generate(
     prompts_file: Annotated[Optional[Path], typer.Option(help="A .txt file (one prompt per line) or .jsonl file (\"prompt\", \"turns\" or \"text\").")] = None,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap each prompt in the tokenizer's chat template (when it has one).")] = True,
     max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per prompt.")] = 128,
-    draft: Annotated[str, typer.Option(help="Who drafts: hybrid (heads, prompt lookup and the suffix index of the base's earlier outputs, in one tree chosen each step), heads (the heads' --tree alone), lookup or suffix.")] = "hybrid",
+    draft: Annotated[str, typer.Option(help="Who drafts: hybrid (heads, prompt lookup and the suffix index of the base's earlier outputs, in one tree chosen each step), heads (the heads' --tree alone), lookup, suffix, or none (plain decoding on mtpkit's kernels: the fastest plain decoding on this machine).")] = "hybrid",
     tree: Annotated[str, typer.Option(help="The heads' tree: chain (top-1 of each head), auto (calibrated for this machine and these heads) or a JSON file of paths like [[0], [1], [0, 0]].")] = "auto",
     temperature: Annotated[float, typer.Option(help="0 decodes greedily (exactly the base's greedy output); > 0 samples, losslessly.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 1.0,
@@ -84,7 +84,7 @@ def generate(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu).")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (greedy output is identical to plain greedy in float32; in half precision the two may drift).")] = "float32",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run the base's own code from the hub (also on when the heads config records it).")] = False,
-    fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--stock-kernels", help="Run linear layers on mtpkit's small-row kernels where measured to pay (float32 on a CPU; same results).")] = True,
+    fast_kernels: Annotated[bool, typer.Option("--fast-kernels/--stock-kernels", help="Run linear layers on the layouts measured fastest on whole forwards of this model on this machine (float32 on a CPU; measured once, then cached; equal to stock up to rounding).")] = True,
 ) -> None:
     """Generate text with self-speculative decoding; text streams to stdout, a summary goes to stderr."""
     from mtpkit.backbone import resolve_placement
@@ -92,7 +92,7 @@ def generate(
     from mtpkit.config import HeadsConfig
     from mtpkit.decoding import TextStream, check_sampling, encode_prompt
     from mtpkit.draft_sources import DRAFTS, acceptance_path, build_decoder, remember_calibrator
-    from mtpkit.kernels import enable_fast_kernels
+    from mtpkit.kernels import use_measured_kernels
     from mtpkit.tree import load_tree_file
 
     # everything cheap is checked before the model loads
@@ -110,12 +110,12 @@ def generate(
 
     with console.status("loading the base model and heads"):
         heads = open_heads(heads_dir, model=model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        if fast_kernels:
-            enable_fast_kernels(heads.backbone.model)
-            enable_fast_kernels(heads)  # the draft layers run on few rows too
+    if fast_kernels:
+        with console.status("choosing kernels for this machine (measured once, then cached)"):
+            use_measured_kernels(heads.backbone, heads)  # the draft layers run on few rows too
     with console.status("calibrating for this machine" if tree_spec == "auto" or draft != "heads"
                         else "building the tree"):
-        kept = None if draft == "heads" else acceptance_path(heads, draft, temperature > 0)  # calibrator counts
+        kept = None if draft in ("heads", "none") else acceptance_path(heads, draft, temperature > 0)  # calibrator
         decoder = build_decoder(heads, heads_dir, draft, tree_spec, remember=kept, temperature=temperature,
                                 top_p=top_p, top_k=top_k, typical=typical, seed=seed)
 

@@ -61,6 +61,9 @@ class Drafter(Protocol):
     def update(self, accepted_ids: Sequence[int]) -> None:
         """The tokens one step committed (accepted drafts and the base's bonus token), in order."""
 
+    def reset(self) -> None:
+        """Forget what earlier prompts taught it: ``mtpkit bench`` starts every prompt from the same state."""
+
 
 # A trie walked lazily: children(handle) -> [(token, count, child handle)], counts of occurrences.
 Children = Callable[[Any], Iterable[tuple[int, int, Any]]]

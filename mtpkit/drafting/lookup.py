@@ -40,6 +40,9 @@ class PromptLookup:
         self._following = {}
         self.update(prompt_ids)
 
+    def reset(self) -> None:
+        self.start(())  # it learns nothing across prompts
+
     def update(self, accepted_ids: Sequence[int]) -> None:
         tokens, following = self._tokens, self._following
         for token in accepted_ids:

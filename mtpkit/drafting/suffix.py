@@ -252,6 +252,11 @@ class SuffixDrafter:
         if self.learn:
             self.index.extend(accepted_ids)
 
+    def reset(self) -> None:
+        """Forget this run's outputs (a shared, read-only corpus index stays)."""
+        if self.learn:
+            self.index = SuffixIndex(self.index.min_match, self.index.max_match)
+
 
 # ---------------------------------------------------------------------- benchmark
 
