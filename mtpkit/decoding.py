@@ -38,7 +38,7 @@ import torch
 from mtpkit.backbone import Backbone
 from mtpkit.chat import prompt_token_ids
 from mtpkit.draft_layer import append_keys
-from mtpkit.drafting.base import Candidates, Drafter
+from mtpkit.drafting.base import Candidates, Drafter, ObservesVerification
 from mtpkit.drafting.calibrator import ConfidenceCalibrator
 from mtpkit.drafting.merge import best_path, cut_depth, merge_candidates, select_tree
 from mtpkit.errors import MtpkitError
@@ -609,6 +609,8 @@ class SpeculativeDecoder:
                               "leave a trace)")
         device, self.windows = self.backbone.device, attention_windows(self.backbone)
         self.drafters = list(drafters) if drafters is not None else None
+        # drafters that learn from every verification's logits (token recycling), chosen once: a step asks no one
+        self._verification_observers = [d for d in self.drafters or () if isinstance(d, ObservesVerification)]
         if self.drafters is None:
             self.heads_drafter: HeadsDrafter | None = HeadsDrafter(heads, tree)
             self.tree = self.heads_drafter.tree
@@ -754,6 +756,8 @@ class SpeculativeDecoder:
             nodes, new_tokens, rejected = self._accept_sampling(plan, tokens, logits)
         else:
             nodes, new_tokens, rejected = self._accept_longest(plan, tokens, logits)
+        for observer in self._verification_observers:
+            observer.observe_verification(tokens, logits)
         self._keep_path(cache, plan, nodes, prefix)
         return nodes, new_tokens, rejected, verified
 
