@@ -32,10 +32,10 @@ from mtpkit.heads import DraftHeads
 from mtpkit.kernels import kernel_choices, synchronize
 from mtpkit.prompts import load_builtin
 
-METHODS = ("hf-greedy", "greedy", "hf-pld", "pld", "suffix", "mtp-chain", "mtp-tree", "mtp-hybrid")
+METHODS = ("hf-greedy", "greedy", "hf-pld", "pld", "suffix", "mtp-chain", "mtp-tree", "mtp-hybrid", "recycle")
 DEFAULT_METHODS = ("hf-greedy", "greedy", "hf-pld", "mtp-chain", "mtp-tree", "mtp-hybrid")
 # mtpkit's drafters on mtpkit's loop: the method -> ``--draft`` sources (``mtpkit.draft_sources.DRAFTS``)
-DRAFTED = {"pld": "lookup", "suffix": "suffix", "mtp-hybrid": "hybrid"}
+DRAFTED = {"pld": "lookup", "suffix": "suffix", "mtp-hybrid": "hybrid", "recycle": "recycle"}
 BASELINE = "hf-greedy"  # transformers' own greedy decoding: what a user runs without mtpkit
 CONTROL = "greedy"  # mtpkit's greedy loop on mtpkit's kernels: speculation_gain is measured against it
 REQUIRED = (BASELINE, CONTROL)  # every report carries both, so a speed-up always splits into kernels x speculation

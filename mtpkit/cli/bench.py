@@ -16,7 +16,7 @@ from mtpkit.cli.common import console, friendly_errors
 
 # mtpkit.bench's DEFAULT_METHODS and METHODS, spelled out so that --help loads no torch (a test keeps them equal)
 DEFAULT_METHODS = "hf-greedy,greedy,hf-pld,mtp-chain,mtp-tree,mtp-hybrid"
-ALL_METHODS = "hf-greedy,greedy,hf-pld,pld,suffix,mtp-chain,mtp-tree,mtp-hybrid"
+ALL_METHODS = "hf-greedy,greedy,hf-pld,pld,suffix,mtp-chain,mtp-tree,mtp-hybrid,recycle"
 METHODS_PER_TABLE = 5
 
 
@@ -26,7 +26,7 @@ def bench(
     prompts: Annotated[str, typer.Option(help="'builtin' (held-out built-in prompts) or a .jsonl/.jsonl.gz/.txt file.")] = "builtin",
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts (categories interleaved).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 128,
-    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {ALL_METHODS} (pld: prompt lookup, suffix: the suffix index of the base's earlier outputs, mtp-hybrid: heads + both in one tree per step, all on mtpkit's loop); hf-greedy and greedy always run (the controls).")] = DEFAULT_METHODS,
+    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {ALL_METHODS} (pld: prompt lookup, suffix: the suffix index of the base's earlier outputs, mtp-hybrid: heads, pld, suffix and recycle in one tree per step, recycle: token recycling, the base's own top-k successors of each token kept from every verification; all on mtpkit's loop); hf-greedy and greedy always run (the controls).")] = DEFAULT_METHODS,
     tree: Annotated[str, typer.Option(help="The heads' tree for mtp-tree and mtp-hybrid: auto, chain or a JSON file of choices.")] = "auto",
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap prompts in the chat template.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all CPUs).")] = None,
