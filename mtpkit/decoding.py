@@ -14,8 +14,9 @@ own next token, already emitted) and the base's hidden state h of the token befo
    path's KV entries (crop for a chain, index-select for a tree).
 
 Step 1 may instead ask several drafters (``mtpkit.drafting``: the heads, prompt lookup, a suffix index of
-earlier outputs) and verify the part of their merged candidates worth verifying, a tree chosen per step; every
-draft is a point mass, so the same acceptance stays exact (greedy) and lossless (sampling).
+earlier outputs, token recycling) and verify the part of their merged candidates worth verifying, a tree chosen per
+step; every draft is a point mass, so the same acceptance stays exact (greedy) and lossless (sampling). Drafters
+that learn from the verification itself (``ObservesVerification``) see every node's token and logits after step 2.
 
 Greedy output is the base's greedy output token for token. Batch size 1 only.
 Only the public transformers API is used: the decoder, ``DynamicCache`` and 4-D masks. Sliding-window
