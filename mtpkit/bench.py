@@ -44,10 +44,11 @@ from mtpkit.prompts import load_builtin, load_mt_bench
 
 # plain greedy with every layer on one layout (no padded token): the candidates the control must be the fastest of
 PLAIN_LAYOUTS = {"greedy-stock": "stock", "greedy-column": "column", "greedy-pair": "pair"}
-METHODS = ("hf-greedy", "greedy", *PLAIN_LAYOUTS, "hf-pld", "pld", "suffix", "mtp-chain", "mtp-tree", "mtp-hybrid")
+METHODS = ("hf-greedy", "greedy", *PLAIN_LAYOUTS, "hf-pld", "pld", "suffix", "recycle", "mtp-chain", "mtp-tree",
+           "mtp-hybrid")
 DEFAULT_METHODS = ("hf-greedy", "greedy", "hf-pld", "pld", "mtp-tree", "mtp-hybrid")
 # mtpkit's drafters on mtpkit's loop: the method -> ``--draft`` sources (``mtpkit.draft_sources.DRAFTS``)
-DRAFTED = {"pld": "lookup", "suffix": "suffix", "mtp-hybrid": "hybrid"}
+DRAFTED = {"pld": "lookup", "suffix": "suffix", "mtp-hybrid": "hybrid", "recycle": "recycle"}
 BASELINE = "hf-greedy"  # transformers' own greedy decoding: what a user runs without mtpkit
 CONTROL = "greedy"  # mtpkit's plain decoding on the measured kernel plan: speculation_gain is measured against it
 REQUIRED = (BASELINE, CONTROL)  # every report carries both, so a speed-up always splits into kernels x speculation

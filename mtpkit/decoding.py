@@ -14,8 +14,9 @@ own next token, already emitted) and the base's hidden state h of the token befo
    path's KV entries (crop for a chain, index-select for a tree).
 
 Step 1 may instead ask several drafters (``mtpkit.drafting``: the heads, prompt lookup, a suffix index of
-earlier outputs) and verify the part of their merged candidates worth verifying, a tree chosen per step; every
-draft is a point mass, so the same acceptance stays exact (greedy) and lossless (sampling).
+earlier outputs, token recycling) and verify the part of their merged candidates worth verifying, a tree chosen per
+step; every draft is a point mass, so the same acceptance stays exact (greedy) and lossless (sampling). Drafters
+that learn from the verification itself (``ObservesVerification``) see every node's token and logits after step 2.
 
 Greedy output is the base's greedy output token for token. Batch size 1 only.
 Only the public transformers API is used: the decoder, ``DynamicCache`` and 4-D masks. Sliding-window
@@ -38,7 +39,7 @@ import torch
 from mtpkit.backbone import Backbone
 from mtpkit.chat import prompt_token_ids
 from mtpkit.draft_layer import append_keys
-from mtpkit.drafting.base import Candidates, Drafter
+from mtpkit.drafting.base import Candidates, Drafter, ObservesVerification
 from mtpkit.drafting.calibrator import ConfidenceCalibrator
 from mtpkit.drafting.merge import best_path, cut_depth, merge_candidates, select_tree
 from mtpkit.errors import MtpkitError
@@ -658,6 +659,8 @@ class SpeculativeDecoder:
                               "leave a trace)")
         device, self.windows = self.backbone.device, attention_windows(self.backbone)
         self.drafters = list(drafters) if drafters is not None else None
+        # drafters that learn from every verification's logits (token recycling), chosen once: a step asks no one
+        self._verification_observers = [d for d in self.drafters or () if isinstance(d, ObservesVerification)]
         if self.drafters is None:
             self.heads_drafter: HeadsDrafter | None = HeadsDrafter(heads, tree)
             self.tree = self.heads_drafter.tree
@@ -815,6 +818,8 @@ class SpeculativeDecoder:
             nodes, new_tokens, rejected = self._accept_sampling(plan, tokens, logits)
         else:
             nodes, new_tokens, rejected = self._accept_longest(plan, tokens, logits)
+        for observer in self._verification_observers:
+            observer.observe_verification(tokens, logits)
         self._keep_path(cache, plan, nodes, prefix)
         return nodes, new_tokens, rejected, verified
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 from mtpkit.errors import MtpkitError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -65,17 +68,28 @@ class Drafter(Protocol):
         """Forget what earlier prompts taught it: ``mtpkit bench`` starts every prompt from the same state."""
 
 
-# A trie walked lazily: children(handle) -> [(token, count, child handle)], counts of occurrences.
-Children = Callable[[Any], Iterable[tuple[int, int, Any]]]
+@runtime_checkable
+class ObservesVerification(Protocol):
+    """A drafter that also learns from what every verification forward computed (token recycling): the decoder
+    hands it each tree node's token and the base's logits there, drafts rejected or not."""
+
+    def observe_verification(self, tokens: "torch.Tensor", logits: "torch.Tensor") -> None:
+        """``tokens`` [N]: the verified tree's tokens, root first; ``logits`` [N, V]: the base's logits at each."""
 
 
-def best_first(root: Any, children: Children, max_depth: int, max_nodes: int, source: str) -> Candidates:
+# A trie walked lazily: children(handle) -> [(token, weight, child handle)]; weights are counts of occurrences,
+# or (``normalise=False``) each child's confidence itself.
+Children = Callable[[Any], Iterable[tuple[int, float, Any]]]
+
+
+def best_first(root: Any, children: Children, max_depth: int, max_nodes: int, source: str,
+               normalise: bool = True) -> Candidates:
     """The ``max_nodes`` most probable nodes of a count trie, parents first (EAGLE-2's expansion).
 
     A child's confidence is its count over the summed counts of its siblings (occurrences that stop,
-    at a document's end or at the context's end, say nothing about what follows); a path's
-    probability is the product along it. Ties go to the shallower node, then the smaller token path,
-    so the choice is deterministic.
+    at a document's end or at the context's end, say nothing about what follows), or with ``normalise=False``
+    its weight as given (a probability the drafter measured); a path's probability is the product along it.
+    Ties go to the shallower node, then the smaller token path, so the choice is deterministic.
     """
     chosen_tokens: list[int] = []
     chosen_parents: list[int] = []
@@ -86,7 +100,7 @@ def best_first(root: Any, children: Children, max_depth: int, max_nodes: int, so
         if len(path) >= max_depth:
             return
         options = list(children(handle))
-        total = sum(count for _, count, _ in options)
+        total = sum(count for _, count, _ in options) if normalise else 1.0
         for token, count, child in options:
             confidence = count / total
             heapq.heappush(frontier, (-probability * confidence, len(path) + 1, path + (token,),
