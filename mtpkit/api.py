@@ -122,12 +122,13 @@ class Speculator:
             raise MtpkitError("mtpkit's custom_generate returns token ids of one greedy or sampled sequence: "
                               "num_beams > 1 and return_dict_in_generate are not supported")
         sampling = _sampling_settings(logits_processor or [], config.do_sample)
-        prompt_length = input_ids.shape[1]
-        budget = config.max_length - prompt_length
-        if budget < 1:
-            return input_ids
         if streamer is None:  # transformers 5.23 hands a callable custom_generate no streamer: see _caller_streamer
             streamer = _caller_streamer()
+        budget = config.max_length - input_ids.shape[1]
+        if budget < 1:
+            if streamer is not None:
+                streamer.end()
+            return input_ids
         criteria = stopping_criteria or []
         prompt = input_ids[0].tolist()
 

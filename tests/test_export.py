@@ -1,6 +1,9 @@
 """`mtpkit export`: vLLM's medusa layout, the export's own check, and refusals that leave nothing behind."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +180,11 @@ def test_another_verifier_is_refused(medusa_dir, tiny_model_dirs, tmp_path):
 def test_unknown_format_is_refused(medusa_dir, tmp_path):
     assert_refused(run(medusa_dir, "--out", tmp_path / "vllm", "--format", "tensorrt"), "unknown --format")
     assert listing(tmp_path) == []
+
+
+def test_the_export_command_imports_no_torch():
+    code = ("import sys; from mtpkit.cli.app import app; import mtpkit.cli.export; "
+            "assert 'torch' not in sys.modules and 'mtpkit.export' not in sys.modules")
+    root = Path(__file__).resolve().parents[1]
+    completed = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
