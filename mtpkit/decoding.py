@@ -61,7 +61,7 @@ class GenerationResult:
     accepted_lengths: list[int]  # tokens committed by each verification step
     prefill_seconds: float
     decode_seconds: float
-    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens"
+    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens" | "stop_when"
     draft_seconds: float = 0.0  # of decode_seconds, the time spent drafting (and choosing the tree)
 
     @property
@@ -114,9 +114,11 @@ class _Output:
     """Collects committed tokens and decides, token by token, where generation stops."""
 
     def __init__(self, backbone: Backbone, budget: int, stop_strings: Sequence[str],
-                 on_tokens: Callable[[list[int]], None] | None):
+                 on_tokens: Callable[[list[int]], None] | None, eos: "Sequence[int] | None" = None,
+                 stop_when: Callable[[list[int]], bool] | None = None):
         self.tokenizer = backbone.tokenizer
-        self.eos = eos_ids(backbone)
+        self.eos = eos_ids(backbone) if eos is None else set(eos)
+        self.stop_when = stop_when  # a caller's own rule, asked after every token (transformers' stopping criteria)
         self.budget = budget
         self.stop_strings = [s for s in stop_strings if s]
         self.window = max((len(s) for s in self.stop_strings), default=0) + 8
@@ -136,6 +138,8 @@ class _Output:
                 self.stop_reason = "stop_string"
             elif len(self.tokens) >= self.budget:
                 self.stop_reason = "max_new_tokens"
+            elif self.stop_when is not None and self.stop_when(self.tokens):
+                self.stop_reason = "stop_when"
             if self.stop_reason:
                 break
         if self.on_tokens is not None and taken:
@@ -700,6 +704,11 @@ class SpeculativeDecoder:
         for drafter in self.drafters:
             drafter.reset()
 
+    def reseed(self, seed: int) -> None:
+        """Restart the sampler's random streams from ``seed``."""
+        self._rng = random.Random(seed)
+        self._generator.manual_seed(seed)
+
     def describe(self) -> str:
         if self.drafters is None:
             return self.tree.describe()
@@ -709,13 +718,17 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.LongTensor, max_new_tokens: int = 128, *, stop_strings=(), on_tokens=None,
-                 trace=None) -> GenerationResult:
-        """Decode up to ``max_new_tokens``; ``on_tokens(list[int])`` streams, ``trace(dict)`` sees each step."""
+                 trace=None, eos_token_ids: "Sequence[int] | None" = None,
+                 stop_when: Callable[[list[int]], bool] | None = None) -> GenerationResult:
+        """Decode up to ``max_new_tokens``; ``on_tokens(list[int])`` streams, ``trace(dict)`` sees each step.
+
+        ``eos_token_ids`` replaces the base's EOS ids (empty: none); ``stop_when(new_tokens)``, asked after every
+        token, ends generation at the first one it returns true for."""
         backbone = self.backbone
         ids, budget = _check_prompt(backbone, input_ids, max_new_tokens)
         context = backbone.max_context
         capacity = ids.shape[1] + budget + 1
-        output = _Output(backbone, budget, stop_strings, on_tokens)
+        output = _Output(backbone, budget, stop_strings, on_tokens, eos_token_ids, stop_when)
         start = time.perf_counter()
         cache = decoder_cache(backbone)
         prompt = ids[0].tolist()
