@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from mtpkit.cli.app import app
 
 runner = CliRunner()
-METHODS = ["hf-greedy", "greedy", "hf-pld", "mtp-chain", "mtp-tree", "mtp-hybrid"]
+METHODS = ["hf-greedy", "greedy", "greedy-pair", "hf-pld", "pld", "mtp-chain", "mtp-tree", "mtp-hybrid"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -32,6 +32,7 @@ def bench_run(heads_dir, tmp_path_factory):
                {"id": "c", "category": "code", "prompt": "for i in range(10):"}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
     result = runner.invoke(app, ["bench", str(heads_dir), "--prompts", str(prompts), "--max-new-tokens", "16",
+                                 "--methods", ",".join(METHODS), "--repeats", "2",
                                  "--tree", "auto", "--threads", "1", "--json", str(out / "bench.json"),
                                  "--markdown", str(out / "bench.md"), "--plot", str(out / "bench.png")])
     return result, out
@@ -45,9 +46,18 @@ def test_bench_writes_a_complete_report(bench_run):
     report = json.loads((out / "bench.json").read_text())
     assert list(report["methods"]) == METHODS
     for method, figures in report["methods"].items():
-        for key in ("tokens_per_s", "speedup", "speedup_median", "mean_accepted_tokens", "identical_rate",
-                    "peak_memory_mb"):
+        for key in ("tokens_per_s", "speedup", "speedup_median", "mean_accepted_tokens", "accepted_median",
+                    "identical_rate"):
             assert isinstance(figures[key], float) and figures[key] > 0 or key == "identical_rate", (method, key)
+        for key in ("speedup_interval", "speculation_gain_interval", "accepted_interval"):
+            low, high = figures[key]
+            assert low <= figures[key.replace("interval", "median")] <= high, (method, key)
+        assert isinstance(figures["peak_memory_mb"], float) and figures["peak_memory_mb"] >= 0, method
+    for row in report["prompts"]:  # two rounds, each (prompt, method) timed twice; the same tokens both times
+        for method, figures in row["methods"].items():
+            assert len(figures["seconds_per_round"]) == 2 and figures["same_in_every_round"], method
+    assert report["setup"]["repeats"] == 2 and report["setup"]["kernel_plan"].startswith("1 row ")
+    assert set(report["setup"]["kernel_forward_seconds"]) == {"stock", "column", "pair"}
     assert report["methods"]["hf-greedy"]["speedup"] == pytest.approx(1.0)
     assert report["methods"]["hf-greedy"]["mean_accepted_tokens"] == pytest.approx(1.0)
     assert report["methods"]["greedy"]["mean_accepted_tokens"] == pytest.approx(1.0)
@@ -59,7 +69,7 @@ def test_bench_writes_a_complete_report(bench_run):
     assert "| mtp-tree |" in markdown and "hf-pld" in markdown and "speculation gain over greedy" in markdown
     assert report["setup"]["device"] == "cpu" and report["setup"]["dtype"] == "float32"
     assert max(len(line) for line in result.stderr.splitlines()) <= 80  # stderr is no terminal here: 80 columns
-    assert "vs greedy (geo)" in result.stderr and "vs hf-greedy (geo)" in result.stderr
+    assert "vs greedy" in result.stderr and "vs hf-greedy" in result.stderr and "95%" in result.stderr
 
 
 def test_speed_up_splits_into_kernels_times_speculation(bench_run):
@@ -179,3 +189,22 @@ def test_drafter_methods_draft_from_the_heads_directory_corpus(heads_dir, tmp_pa
     # the corpus holds this very output: the suffix index drafts it whole
     assert report["methods"]["suffix"]["mean_accepted_tokens"] > 3.0
     assert report["methods"]["mtp-hybrid"]["mean_accepted_tokens"] > 3.0
+
+
+def test_a_prompts_figures_do_not_depend_on_the_prompts_before_it(heads_dir, tmp_path):
+    """Calibrator, learned suffix entries and recycled successors start every (prompt, method) run afresh: a prompt
+    measured after others accepts exactly what it accepts when measured alone."""
+    from mtpkit.bench import BenchSettings, run_bench
+
+    records = [{"id": "first", "category": "code", "prompt": "def add(a, b):"},
+               {"id": "second", "category": "code", "prompt": "def add(a, b):"}]  # the same text: much to learn
+    for name, chosen in (("both", records), ("alone", records[1:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    methods = ("pld", "recycle", "mtp-hybrid")
+    settings = dict(max_new_tokens=24, methods=methods, threads=1, memory=False)
+    after = run_bench(heads_dir, BenchSettings(prompts=str(tmp_path / "both.jsonl"), **settings))
+    alone = run_bench(heads_dir, BenchSettings(prompts=str(tmp_path / "alone.jsonl"), **settings))
+    for method in methods:
+        second, only = after["prompts"][1]["methods"][method], alone["prompts"][0]["methods"][method]
+        assert second["accepted_lengths"] == only["accepted_lengths"], method
+        assert second["identical_to_greedy"] and only["identical_to_greedy"]

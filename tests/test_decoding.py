@@ -467,6 +467,30 @@ def test_sampling_and_typical_run_on_trees(tiny_backbone):
         assert first.tokens == again.tokens and len(first.tokens) >= 1  # seeded: reproducible
 
 
+def test_sampling_warps_only_the_rows_the_acceptance_walk_visits(tiny_backbone, monkeypatch):
+    """Each step warps (temperature, top-k, top-p) the rows of the nodes it accepts plus the one it stops at, once
+    each: at most depth + 1 of the tree's nodes, never all of them."""
+    import mtpkit.decoding as decoding
+
+    ids = prompt_ids(tiny_backbone)
+    heads = random_heads(tiny_backbone, "sequential", num_heads=3)
+    tree = TREE[:8]
+    decoder = SpeculativeDecoder(heads, tree, seed=5, temperature=0.9, top_p=0.95, top_k=20)
+    nodes, depth = decoder.tree.num_nodes, decoder.tree.max_depth
+    assert nodes > depth + 1
+    warped_rows, real = [], decoding.sampling_probs
+    monkeypatch.setattr(decoding, "sampling_probs", lambda logits, *a: warped_rows.append(
+        logits.numel() // logits.shape[-1]) or real(logits, *a))
+    steps = []
+    result = decoder.generate(ids, 40, trace=lambda info: steps.append(
+        (info["accepted_length"], len(warped_rows))))
+    per_step = [count - before for (_, count), (_, before) in zip(steps, [(0, 1)] + steps[:-1])]
+    assert set(warped_rows) == {1}  # one row per call, one softmax each
+    assert per_step == [accepted for accepted, _ in steps]  # the accepted nodes and the bonus's: the visited rows
+    assert max(per_step) <= depth + 1 < nodes and len(warped_rows) == 1 + sum(per_step)
+    assert sum(result.accepted_lengths) <= sum(per_step) and len(steps) == result.forward_passes - 1
+
+
 # ----------------------------------------------------------------------------- auto tree
 
 

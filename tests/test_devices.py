@@ -73,10 +73,10 @@ def test_bfloat16_reaches_model_heads_cache_and_masks(heads_dir, recorded_loads,
     assert {(p.dtype, p.device.type) for p in heads.parameters()} == {(torch.bfloat16, device)}
 
     measured = []
-    monkeypatch.setattr(kernels, "time_forms", lambda *a, **k: measured.append(a) or {})
-    kernels.enable_fast_kernels(backbone.model)
-    kernels.enable_fast_kernels(heads)
-    assert measured == [] and set(kernels.kernel_choices(backbone.model).values()) == {"stock/stock"}
+    monkeypatch.setattr(kernels, "choose_kernels", lambda *a, **k: measured.append(a))
+    measurement = kernels.use_measured_kernels(backbone, heads)
+    assert measured == [] and measurement.plan is kernels.STOCK  # never measured outside float32: stock
+    assert kernels.kernel_plan(backbone.model) is kernels.STOCK
 
     seen = []
 
@@ -145,7 +145,7 @@ def test_bench_in_bfloat16_reports_identity_as_a_rate(heads_dir, tmp_path, recor
     assert [(c["device"], c["dtype"], c["trust_remote_code"]) for c in recorded_loads] == [("cpu", "bfloat16", True)]
     report = json.loads(out.read_text())
     assert report["setup"]["dtype"] == "bfloat16" and report["setup"]["device"] == "cpu"
-    assert set(report["setup"]["kernel_layouts"].values()) == {"stock/stock"}  # never measured outside float32
+    assert report["setup"]["kernel_plan"] == "1 row stock"  # never measured outside float32
     for figures in report["methods"].values():
         assert 0.0 <= figures["identical_rate"] <= 1.0 and figures["identical_rate"] * 2 in (0.0, 1.0, 2.0)
 

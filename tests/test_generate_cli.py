@@ -71,6 +71,34 @@ def test_generate_prompts_file_and_tree_file(heads_dir, reference, tmp_path):
         assert "all" in result.stderr
 
 
+def test_draft_none_decodes_plainly_on_the_measured_kernels(heads_dir, reference, monkeypatch):
+    """--draft none: plain decoding (one token a forward, 1.00 accepted per step), greedy text unchanged, on the
+    kernel plan measured for the machine, padded token included."""
+    from mtpkit import kernels
+
+    plan = kernels.KernelPlan("pair", ((2, "column"),), padded_token=True)
+    measurement = kernels.KernelMeasurement({"stock": {1: 1.0, 2: 1.0}, "column": {1: 1.0, 2: 0.5},
+                                             "pair": {1: 0.8}}, plan)
+    monkeypatch.setattr(kernels, "kernel_measurement", lambda backbone, refresh=False: measurement)
+    rows = []
+    real = kernels.fast_linear
+    monkeypatch.setattr(kernels, "fast_linear", lambda x, *a, **k: rows.append(x.numel() // x.shape[-1]) or real(x, *a, **k))
+    result = run("generate", heads_dir, "--prompt", "The quick brown fox", "--max-new-tokens", 12, "--draft", "none")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == reference["The quick brown fox"] + "\n"
+    assert "1.00" in result.stderr and "plain decoding" in result.stderr
+    assert 2 in rows  # the padded token's forward
+
+
+def test_plain_sampling_with_seed_is_reproducible_and_refuses_typical(heads_dir):
+    args = ("generate", heads_dir, "--prompt", "hello", "--max-new-tokens", 8, "--draft", "none",
+            "--temperature", 0.9, "--top-k", 20, "--seed", 4)
+    first, second = run(*args), run(*args)
+    assert first.exit_code == 0 and first.stdout == second.stdout and first.stdout.strip()
+    refused = run("generate", heads_dir, "--prompt", "hello", "--draft", "none", "--temperature", 0.9, "--typical")
+    assert refused.exit_code != 0 and "Traceback" not in refused.output and "--typical" in refused.stderr
+
+
 def test_generate_sampling_with_seed_is_reproducible(heads_dir):
     args = ("generate", heads_dir, "--prompt", "hello", "--max-new-tokens", 8, "--tree", "chain",
             "--temperature", 0.9, "--top-k", 20, "--seed", 4)

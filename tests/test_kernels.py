@@ -1,6 +1,9 @@
-"""Fast few-row kernels give stock results (values, argmax, gradients) and switch on and off cleanly."""
+"""Kernel layouts give stock results (values, argmax, gradients), switch on and off cleanly, and are chosen on
+whole forwards: the fastest measured layout per size, and plain decoding's token padded when two rows are cheaper."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -10,16 +13,10 @@ from torch.nn import functional as F
 from tests.conftest import make_model
 from mtpkit import kernels
 from mtpkit.backbone import wrap_model
-from mtpkit.kernels import (MAX_FAST_ROWS, STOCK, FastLinear, KernelChoice, _ForwardTimer, compare_kernels,
-                            compare_logits, disable_fast_kernels, enable_fast_kernels, fast_linear, kernel_choice,
-                            kernel_choices, linear_for, measure_forward_cost, pick_fastest, relative_cost,
-                            remember_choice)
-
-
-@pytest.fixture(autouse=True)
-def _own_choices(monkeypatch):
-    """Choices a test forces stay in that test: the process-wide cache is swapped for an empty one."""
-    monkeypatch.setattr(kernels, "_CHOICES", {})
+from mtpkit.kernels import (MAX_FAST_ROWS, STOCK, FastLinear, KernelMeasurement, KernelPlan, _ForwardTimer,
+                            choose_kernels, compare_logits, disable_fast_kernels, enable_fast_kernels, fast_linear,
+                            kernel_measurement, kernel_plan, linear_for, measure_forward_cost, pick_fastest,
+                            plan_from_seconds, relative_cost, use_measured_kernels)
 
 
 @pytest.fixture
@@ -27,110 +24,148 @@ def llama(tiny_tokenizer):
     return wrap_model(make_model("llama", len(tiny_tokenizer)), tiny_tokenizer, "tiny-llama")
 
 
-LAYOUTS = [KernelChoice("stock", "stock"), KernelChoice("column", "column"), KernelChoice("pair", "column")]
+PLANS = {layout: KernelPlan.everywhere(layout) for layout in ("stock", "column", "pair")}
 
 
-def force_everywhere(monkeypatch, choice: KernelChoice) -> None:
-    """Every float32 CPU shape runs on ``choice``, without measuring."""
-    monkeypatch.setattr(kernels, "kernel_choice", lambda weight, bias=None: choice)
-
-
-@pytest.mark.parametrize("choice", LAYOUTS, ids=lambda c: c.one_row)
+@pytest.mark.parametrize("layout", list(PLANS))
 @pytest.mark.parametrize("rows", [1, 2, 7])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_every_layout_gives_stock_values(monkeypatch, choice, rows, with_bias):
+def test_every_layout_gives_stock_values(layout, rows, with_bias):
     torch.manual_seed(rows)
     weight, x = torch.randn(384, 64), torch.randn(1, rows, 64)
     bias = torch.randn(384) if with_bias else None
-    force_everywhere(monkeypatch, choice)
-    expected, got = F.linear(x, weight, bias), fast_linear(x, weight, bias)
+    expected, got = F.linear(x, weight, bias), fast_linear(x, weight, bias, PLANS[layout])
     assert got.shape == (1, rows, 384) and got.is_contiguous() and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
-def test_one_row_runs_the_chosen_layout(monkeypatch):
+def test_each_row_count_runs_its_planned_layout(monkeypatch):
     calls = []
     real_cat, real_mm = torch.cat, torch.mm
     monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append("cat") or real_cat(*a, **k))
     monkeypatch.setattr(torch, "mm", lambda *a: calls.append(("mm", a[1].shape[1])) or real_mm(*a))
-    weight, x = torch.randn(8, 4), torch.randn(1, 4)
-    for one_row, expected in [("pair", ["cat", ("mm", 2)]), ("column", [("mm", 1)]), ("stock", [])]:
+    weight = torch.randn(8, 4)
+    plan = KernelPlan("pair", ((2, "column"), (4, "stock"), (8, "column")))
+    for rows, expected in [(1, ["cat", ("mm", 2)]), (2, [("mm", 2)]), (3, [("mm", 3)]), (4, []), (7, []),
+                           (8, [("mm", 8)]), (MAX_FAST_ROWS, [("mm", MAX_FAST_ROWS)]), (MAX_FAST_ROWS + 1, [])]:
         calls.clear()
-        remember_choice(weight, None, KernelChoice(one_row, "stock"))
-        torch.testing.assert_close(fast_linear(x, weight), F.linear(x, weight))
-        assert calls == expected, one_row
+        x = torch.randn(rows, 4)
+        torch.testing.assert_close(fast_linear(x, weight, None, plan), F.linear(x, weight))
+        assert calls == expected, rows
     calls.clear()
-    fast_linear(torch.randn(3, 4), weight)  # the few-row choice is stock here
+    fast_linear(torch.randn(3, 4, dtype=torch.float64), weight.double(), None, plan)  # not float32: stock
     assert calls == []
+
+
+def test_plan_layouts_and_description():
+    plan = KernelPlan("pair", ((2, "column"), (3, "column"), (12, "stock"), (16, "column")), padded_token=True)
+    assert [plan.layout(n) for n in (1, 2, 3, 11, 12, 15, 16, 64, 65)] == \
+        ["pair", "column", "column", "column", "stock", "stock", "column", "column", "stock"]
+    assert plan.describe() == "1 row pair, 2-11 rows column, 12-15 rows stock, 16-64 rows column, token padded to 2"
+    assert KernelPlan.from_dict(plan.to_dict()) == plan
+    assert KernelPlan.everywhere("pair") == KernelPlan("pair", ((2, "column"),))
+    assert STOCK.layout(1) == STOCK.layout(5) == "stock" and not STOCK.padded_token
+    with pytest.raises(ValueError, match="unknown layout"):
+        KernelPlan.everywhere("diagonal")
 
 
 def test_pick_fastest_needs_a_margin_to_leave_the_earlier_layout():
     forms = ("stock", "column", "pair")
     assert pick_fastest({"stock": 1.0, "column": 0.95, "pair": 0.5}, forms) == "pair"
-    assert pick_fastest({"stock": 1.0, "column": 0.95, "pair": 0.93}, forms) == "stock"  # within 10%: noise
-    assert pick_fastest({"stock": 1.0, "column": 0.8, "pair": 0.75}, forms) == "column"
+    assert pick_fastest({"stock": 1.0, "column": 0.99, "pair": 0.98}, forms) == "stock"  # within 3%: noise
+    assert pick_fastest({"stock": 1.0, "column": 0.8, "pair": 0.79}, forms) == "column"
     assert pick_fastest({"stock": 1.0, "column": 2.0, "pair": 1.5}, forms) == "stock"
-    assert pick_fastest({"stock": 1.0, "column": 0.5}, ("stock", "column")) == "column"
 
 
-def test_kernel_choice_is_measured_once_per_shape_and_thread_count(monkeypatch):
-    measured = []
-
-    def fake_timings(weight, bias, rows, forms, repeats=5):
-        measured.append((tuple(weight.shape), rows))
-        return {"stock": 3.0, "column": 2.0, "pair": 1.0} if rows == 1 else {"stock": 1.0, "column": 2.0}
-
-    monkeypatch.setattr(kernels, "time_forms", fake_timings)
-    weight = torch.randn(16, 8)
-    # one row is measured per layer; 2..64 rows take the layout measured on whole forwards
-    assert kernel_choice(weight) == KernelChoice("pair", kernels.FEW_ROWS_LAYOUT) == KernelChoice("pair", "column")
-    assert kernel_choice(torch.randn(16, 8)) == KernelChoice("pair", "column")  # same key: cached
-    assert measured == [((16, 8), 1)]
-    kernel_choice(torch.randn(16, 4))
-    assert len(measured) == 2
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads + 1)
-    try:
-        kernel_choice(weight)  # another thread count is another machine
-    finally:
-        torch.set_num_threads(threads)
-    assert len(measured) == 3
-    assert kernel_choice(weight.to(torch.bfloat16)) is STOCK and len(measured) == 3  # never measured: stock
+def test_plan_from_whole_forward_seconds():
+    seconds = {"stock": {1: 0.055, 2: 0.089, 4: 0.077, 8: 0.075},
+               "column": {1: 0.056, 2: 0.051, 4: 0.052, 8: 0.080},
+               "pair": {1: 0.034}}
+    plan = plan_from_seconds(seconds)
+    assert plan == KernelPlan("pair", ((2, "column"), (4, "column"), (8, "stock")), padded_token=False)
+    # two rows measured cheaper than the fastest one-row forward: plain decoding's token goes in padded
+    seconds["column"][2] = 0.030
+    padded = plan_from_seconds(seconds)
+    assert padded.padded_token and padded.layout(2) == "column"
+    measurement = KernelMeasurement(seconds, padded)
+    assert measurement.token_seconds() == 0.030 and measurement.forward_cost() == {1: 0.030, 2: 0.030, 4: 0.052,
+                                                                                   8: 0.075}
+    assert KernelMeasurement.from_dict(measurement.to_dict()).forward_cost() == measurement.forward_cost()
 
 
-def test_real_measurement_returns_known_layouts():
-    choice = kernel_choice(torch.randn(256, 32))
-    assert choice.one_row in kernels.ONE_ROW_FORMS and choice.few_rows in kernels.FEW_ROW_FORMS
-    assert kernel_choice(torch.randn(256, 32)) is choice
+def test_chooser_picks_the_layout_that_is_clearly_faster(monkeypatch, llama):
+    """Every product on 'column' is slowed down: whole forwards must show it, and the plan avoids column."""
+    slow_column = kernels.FORMS["column"]
 
+    def column_with_a_stall(flat, weight, bias):
+        time.sleep(2e-4)
+        return slow_column(flat, weight, bias)
 
-def test_enable_measures_each_shape_once_outside_the_forward(monkeypatch, llama):
-    seen = []
-    monkeypatch.setattr(kernels, "time_forms",
-                        lambda weight, bias, rows, forms, repeats=5: seen.append(tuple(weight.shape)) or
-                        {form: 1.0 for form in forms})
-    enable_fast_kernels(llama.model)
-    shapes = {tuple(m.weight.shape) for m in llama.model.modules() if isinstance(m, nn.Linear)}
-    assert len(seen) == len(shapes) and set(seen) == shapes  # one row, once per shape
-    llama.model(torch.randint(0, llama.vocab_size, (1, 3)))
-    assert len(seen) == len(shapes)  # the forward measured nothing new
-    assert set(kernel_choices(llama.model).values()) == {"stock/column"}
+    monkeypatch.setitem(kernels.FORMS, "column", column_with_a_stall)
+    monkeypatch.setitem(kernels.FORMS, "pair", lambda flat, weight, bias: column_with_a_stall(
+        torch.cat((flat, flat)), weight, bias)[:1])
+    measurement = choose_kernels(llama, sizes=(1, 2, 4), context=8, repeats=2)
+    assert measurement.plan.one_row == "stock" and measurement.plan.few_rows == ((2, "stock"), (4, "stock"))
+    assert all(measurement.seconds["column"][n] > measurement.seconds["stock"][n] for n in (1, 2, 4))
+    assert set(measurement.seconds["pair"]) == {1}  # pair is a one-row layout
+    assert not kernels.uses_fast_kernels(llama.model)  # left as found
+
+    # and the other way round: a stalled stock product makes column win at every size
+    monkeypatch.undo()
+    real_linear = F.linear
+
+    def stock_with_a_stall(x, weight, bias=None):
+        time.sleep(2e-4)
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setitem(kernels.FORMS, "stock", stock_with_a_stall)
+    monkeypatch.setattr(kernels.F, "linear", stock_with_a_stall)
+    enable_fast_kernels(llama.model, PLANS["pair"])
+    measurement = choose_kernels(llama, sizes=(1, 2, 4), context=8, repeats=2)
+    assert measurement.plan.one_row in ("column", "pair") and {l for _, l in measurement.plan.few_rows} == {"column"}
+    assert kernel_plan(llama.model) == PLANS["pair"]  # left as found
     disable_fast_kernels(llama.model)
-    assert kernel_choices(llama.model) == {}
 
 
-@pytest.mark.parametrize("choice", LAYOUTS[1:], ids=lambda c: c.one_row)
-def test_greedy_on_fast_kernels_is_plain_greedy(monkeypatch, llama, choice):
+@pytest.mark.parametrize("layout", list(PLANS))
+def test_greedy_on_every_layout_is_plain_greedy(llama, layout):
     from mtpkit.decoding import greedy_generate
 
     prompt = torch.randint(0, llama.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
     stock = greedy_generate(llama, prompt, 24).tokens
-    force_everywhere(monkeypatch, choice)
-    enable_fast_kernels(llama.model)
-    fast = greedy_generate(llama, prompt, 24).tokens
+    enable_fast_kernels(llama.model, PLANS[layout])
+    forced = greedy_generate(llama, prompt, 24).tokens
     disable_fast_kernels(llama.model)
-    assert fast == stock and len(stock) == 24
+    assert forced == stock and len(stock) == 24
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_padded_token_decodes_plain_greedy(tiny_tokenizer, family):
+    """Where a fake cost table makes two rows cheaper than one, plain decoding feeds each token twice (every
+    forward after the prefill has two rows) and its tokens equal the stock loop's."""
+    from mtpkit.decoding import greedy_generate
+    from tests.test_cache_kinds import WINDOW, make_sliding_model
+
+    build = make_sliding_model if family == "gemma3" else make_model  # Gemma-3: sliding layers, prompt past the window
+    backbone = wrap_model(build(family, len(tiny_tokenizer)), tiny_tokenizer, family)
+    assert family != "gemma3" or WINDOW < 40
+    seconds = {"stock": {1: 0.05, 2: 0.06}, "column": {1: 0.05, 2: 0.03}, "pair": {1: 0.04}}
+    plan = plan_from_seconds(seconds)
+    assert plan.padded_token
+    prompt = torch.randint(0, backbone.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    stock = greedy_generate(backbone, prompt, 30)
+    rows = []
+    hook = backbone.model.base_model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: rows.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    enable_fast_kernels(backbone.model, plan)
+    try:
+        padded = greedy_generate(backbone, prompt, 30)
+    finally:
+        hook.remove()
+        disable_fast_kernels(backbone.model)
+    assert padded.tokens == stock.tokens and len(stock.tokens) == 30
+    assert rows == [40] + [2] * 29 and padded.forward_passes == 30
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 64])
@@ -139,7 +174,7 @@ def test_fast_linear_matches_stock_on_2d(rows, with_bias):
     torch.manual_seed(rows)
     weight, x = torch.randn(384, 64), torch.randn(rows, 64)
     bias = torch.randn(384) if with_bias else None
-    expected, got = F.linear(x, weight, bias), fast_linear(x, weight, bias)
+    expected, got = F.linear(x, weight, bias), fast_linear(x, weight, bias, PLANS["pair"])
     assert got.dtype == torch.float32 and got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
@@ -149,30 +184,17 @@ def test_fast_linear_matches_stock_on_2d(rows, with_bias):
 def test_fast_linear_matches_stock_on_batched_inputs(shape):
     torch.manual_seed(0)
     weight, bias, x = torch.randn(96, 64), torch.randn(96), torch.randn(*shape)
-    got = fast_linear(x, weight, bias)
+    got = fast_linear(x, weight, bias, PLANS["column"])
     assert got.shape == (*shape[:-1], 96)
     torch.testing.assert_close(got, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
 
 
-def test_fast_linear_takes_the_new_path_only_for_few_float32_rows(monkeypatch):
-    force_everywhere(monkeypatch, KernelChoice("column", "column"))
-    calls = []
-    monkeypatch.setattr(torch, "mm", lambda *args: calls.append("mm") or torch.matmul(*args))
-    weight = torch.randn(8, 4)
-    fast_linear(torch.randn(MAX_FAST_ROWS, 4), weight)
-    assert calls == ["mm"]
-    fast_linear(torch.randn(MAX_FAST_ROWS + 1, 4), weight)  # above the threshold: stock F.linear
-    fast_linear(torch.randn(3, 4, dtype=torch.float64), weight.double())  # not float32: stock
-    assert calls == ["mm"]
-
-
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("choice", LAYOUTS[1:], ids=lambda c: c.one_row)
-def test_gradients_match_stock_on_the_fast_path(monkeypatch, rows, choice):
-    force_everywhere(monkeypatch, choice)
+@pytest.mark.parametrize("layout", ["column", "pair"])
+def test_gradients_match_stock_on_the_fast_path(rows, layout):
     torch.manual_seed(0)
     weight, bias, x = (torch.randn(*s, requires_grad=True) for s in ((32, 16), (32,), (1, rows, 16)))
-    fast_linear(x, weight, bias).square().sum().backward()
+    fast_linear(x, weight, bias, PLANS[layout]).square().sum().backward()
     fast_grads = [t.grad.clone() for t in (weight, bias, x)]
     for t in (weight, bias, x):
         t.grad = None
@@ -187,21 +209,23 @@ def test_enable_switches_every_plain_linear_in_place_and_disable_restores_it(lla
     weights = {name: module.weight.data_ptr() for name, module in linears.items()}
     assert len(linears) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the output layer
 
-    assert enable_fast_kernels(model) == len(linears)
-    assert enable_fast_kernels(model) == len(linears)  # idempotent
+    assert enable_fast_kernels(model, PLANS["pair"]) == len(linears)
+    assert enable_fast_kernels(model, PLANS["column"]) == len(linears)  # again: only the plan changes
+    assert kernel_plan(model) == PLANS["column"]
     for name, module in model.named_modules():
         assert type(module) is not nn.Linear
         if name in linears:
-            assert module is linears[name] and type(module) is FastLinear
+            assert module is linears[name] and type(module) is FastLinear and module.kernel_plan == PLANS["column"]
             assert module.weight.data_ptr() == weights[name]  # no copies
     assert model.lm_head.weight is model.get_input_embeddings().weight  # still tied
-    assert linear_for(model.lm_head) is fast_linear
+    applied = linear_for(model.lm_head)
+    assert applied.func is fast_linear and applied.keywords == {"plan": PLANS["column"]}
 
     assert disable_fast_kernels(model) == len(linears)
     assert disable_fast_kernels(model) == 0
     assert all(type(module) is nn.Linear for module in linears.values())
     assert not any(isinstance(module, FastLinear) for module in model.modules())
-    assert linear_for(model.lm_head) is F.linear
+    assert linear_for(model.lm_head) is F.linear and kernel_plan(model) is STOCK
 
 
 def test_lora_style_subclasses_are_left_alone():
@@ -209,14 +233,13 @@ def test_lora_style_subclasses_are_left_alone():
         pass
 
     model = nn.Sequential(nn.Linear(4, 4), Adapted(4, 4))
-    assert enable_fast_kernels(model) == 1
+    assert enable_fast_kernels(model, PLANS["pair"]) == 1
     assert type(model[1]) is Adapted
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 64])
-@pytest.mark.parametrize("choice", LAYOUTS[1:], ids=lambda c: c.one_row)
-def test_model_with_fast_kernels_gives_stock_logits_over_a_kv_cache(monkeypatch, llama, n, choice):
-    force_everywhere(monkeypatch, choice)
+@pytest.mark.parametrize("layout", ["column", "pair"])
+def test_model_on_each_layout_gives_stock_logits_over_a_kv_cache(llama, n, layout):
     model = llama.model
     torch.manual_seed(n)
     prompt = torch.randint(0, llama.vocab_size, (1, 20))
@@ -229,7 +252,7 @@ def test_model_with_fast_kernels_gives_stock_logits_over_a_kv_cache(monkeypatch,
             return model(new, past_key_values=cache, position_ids=positions).logits
 
     stock = forward()
-    enable_fast_kernels(model)
+    enable_fast_kernels(model, PLANS[layout])
     fast = forward()
     disable_fast_kernels(model)
     torch.testing.assert_close(fast, stock, atol=1e-4, rtol=1e-5)
@@ -239,7 +262,7 @@ def test_model_with_fast_kernels_gives_stock_logits_over_a_kv_cache(monkeypatch,
 def test_model_gradients_flow_through_fast_kernels(llama):
     model = llama.model
     ids = torch.randint(0, llama.vocab_size, (1, 6))
-    enable_fast_kernels(model)
+    enable_fast_kernels(model, PLANS["column"])
     model.requires_grad_(True)
     try:
         model(ids).logits.logsumexp(-1).sum().backward()
@@ -250,42 +273,51 @@ def test_model_gradients_flow_through_fast_kernels(llama):
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
-def test_compare_logits_reports_agreement_and_restores_kernels(monkeypatch, llama):
-    force_everywhere(monkeypatch, KernelChoice("pair", "column"))
+def test_compare_logits_reports_agreement_and_restores_kernels(llama):
     ids = torch.randint(0, llama.vocab_size, (1, 70))
-    numerics = compare_logits(llama, ids)
+    numerics = compare_logits(llama, ids, PLANS["pair"])
     assert numerics["positions"] == 70 and numerics["argmax_agreement"] == 1.0
     assert 0 <= numerics["max_abs_diff"] < 1e-4
     assert not any(isinstance(module, FastLinear) for module in llama.model.modules())
 
 
-def test_forward_cost_measurement_crops_the_cache_and_leaves_kernels_as_found(llama):
-    enable_fast_kernels(llama.model)
-    costs = compare_kernels(llama, sizes=(2, 1, 4), context=8, repeats=2)
-    assert set(costs) == {"stock", "fast"} and all(list(c) == [1, 2, 4] and min(c.values()) > 0 for c in costs.values())
-    assert all(isinstance(module, FastLinear) for module in llama.model.modules() if isinstance(module, nn.Linear))
-    disable_fast_kernels(llama.model)
-
+def test_forward_timer_crops_the_cache_and_costs_are_relative(llama):
     timer = _ForwardTimer(llama, context=8, max_new=5)
     assert timer(5) > 0 and timer.cache.get_seq_length() == 8
-
     cost = measure_forward_cost(llama, sizes=(1, 3), context=8, repeats=1)
     assert list(cost) == [1, 3] and relative_cost(cost)[1] == 1.0
     assert relative_cost({1: 2.0, 4: 3.0}) == {1: 1.0, 4: 1.5}
 
 
-def test_calibration_key_follows_the_measured_layouts(monkeypatch, llama):
+def test_measurement_is_cached_per_machine_and_model(monkeypatch, tmp_path, llama):
+    monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path))
+    calls = []
+    fake = KernelMeasurement({"stock": {1: 1.0, 2: 1.5}, "column": {1: 1.0, 2: 0.9}, "pair": {1: 0.5}},
+                             KernelPlan("pair", ((2, "column"),)))
+    monkeypatch.setattr(kernels, "choose_kernels", lambda backbone: calls.append(1) or fake)
+    first = use_measured_kernels(llama)
+    again = kernel_measurement(llama)
+    assert len(calls) == 1 and again.plan == first.plan == fake.plan and again.seconds == fake.seconds
+    assert kernel_plan(llama.model) == fake.plan
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)  # another thread count is another machine
+    kernel_measurement(llama)
+    assert len(calls) == 2
+    disable_fast_kernels(llama.model)
+    half = wrap_model(make_model("llama", llama.vocab_size).to(torch.bfloat16), llama.tokenizer, "half")
+    assert kernel_measurement(half).plan is STOCK and len(calls) == 2  # outside float32 nothing is measured
+
+
+def test_calibration_key_follows_the_kernel_plan(llama):
     from mtpkit.calibrate import calibration_key
     from mtpkit.heads import build_heads
     from tests.test_heads import make_config
 
     heads = build_heads(make_config(llama), llama)
     stock = calibration_key(heads)
-    force_everywhere(monkeypatch, KernelChoice("column", "column"))
-    enable_fast_kernels(llama.model)
     try:
+        enable_fast_kernels(llama.model, PLANS["column"])
         column = calibration_key(heads)
-        force_everywhere(monkeypatch, KernelChoice("pair", "column"))
+        enable_fast_kernels(llama.model, PLANS["pair"])
         pair = calibration_key(heads)
     finally:
         disable_fast_kernels(llama.model)
@@ -302,14 +334,21 @@ def test_layer_report_times_every_layout_and_fits_80_columns():
     for row in rows:
         assert set(row["one_row_ms"]) == {"stock", "column", "pair"} and set(row["few_rows_ms"]) == {"stock", "column"}
         assert all(ms > 0 for ms in [*row["one_row_ms"].values(), *row["few_rows_ms"].values()])
-        assert row["choice"]["one_row"] == pick_fastest(row["one_row_ms"], kernels.ONE_ROW_FORMS)
     out = StringIO()
     Console(file=out, width=80).print(kernels._layer_table(rows))
     assert max(len(line) for line in out.getvalue().splitlines()) <= 80 and "96x32" in out.getvalue()
-    wide = {"one_row_ms": {"stock": 0.0123, "column": 0.0456, "pair": 0.0789}, "choice": {"one_row": "stock",
-            "few_rows": "stock"}, "few_rows_ms": {"stock": 0.0321, "column": 0.0654}, "out": 49152, "in": 576}
+
+
+def test_forward_table_fits_80_columns():
+    from io import StringIO
+
+    from rich.console import Console
+
+    seconds = {"stock": {1: 0.0546, 2: 0.0891, 64: 0.2}, "column": {1: 0.0556, 2: 0.0509, 64: 0.19},
+               "pair": {1: 0.0377}}
+    measurement = KernelMeasurement(seconds, plan_from_seconds(seconds))
     out = StringIO()
-    Console(file=out, width=80).print(kernels._layer_table([wide]))
+    Console(file=out, width=80).print(kernels.forward_table(measurement, "forward over n new tokens"))
+    text = " ".join(out.getvalue().split())
     assert max(len(line) for line in out.getvalue().splitlines()) <= 80
-    assert "49152x576 0.0123 0.0456 0.0789 1.00x 0.0321 0.0654 stock/stock" in " ".join(out.getvalue().split())
-    assert "shape 1:stock 1:col 1:pair gain 8:stock 8:col chosen" in " ".join(out.getvalue().split())
+    assert "1 54.6 55.6 37.7 pair 1.00" in text and "2 89.1 50.9 - column 1.35" in text
