@@ -23,7 +23,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m 'not slow'
 
 demo: setup
-	$(BIN)/mtpkit bench mtpkit/trained/smollm2-135m-sequential --limit 8 --max-new-tokens 128 \
+	$(BIN)/mtpkit bench mtpkit/trained/smollm2-135m-sequential --prompts mt-bench --limit 8 --max-new-tokens 128 \
 		--json out/demo/bench.json --markdown out/demo/bench.md --plot out/demo/bench.png
 
 # The self-distilled corpus the default heads train on (prompts: the built-in train split, 1,500 prompts the

@@ -3,7 +3,8 @@
 All methods run in one process, after a warm-up, on the same prompts and thread count. With ``repeats``
 rounds each (prompt, method) pair is timed that many times, the method order rotating per prompt and
 round, so a slow moment of the machine falls on every method alike; a pair's time is its median. Every
-method starts every prompt from the same state (``reset``: calibrator, learned suffix entries), so no
+method starts every prompt from the same state (``reset``: calibrator, learned suffix entries, recycled
+successors), so no
 figure depends on the prompts before it. Per prompt and method it records tokens/s, tokens per base forward
 (Spec-Bench's mean accepted tokens: plain decoding scores 1.00) and the output tokens, so the identical-output
 rate is measured, not assumed. Summaries are medians over prompts with 95% bootstrap intervals.
@@ -52,8 +53,8 @@ DRAFTED = {"pld": "lookup", "suffix": "suffix", "mtp-hybrid": "hybrid", "recycle
 BASELINE = "hf-greedy"  # transformers' own greedy decoding: what a user runs without mtpkit
 CONTROL = "greedy"  # mtpkit's plain decoding on the measured kernel plan: speculation_gain is measured against it
 REQUIRED = (BASELINE, CONTROL)  # every report carries both, so a speed-up always splits into kernels x speculation
-PROMPT_SETS = {"builtin": "the built-in development set (96 prompts, 8 categories)",
-               "mt-bench": "MT-Bench's 80 questions, first turns"}
+PROMPT_SETS = {"builtin": "the built-in development set (held-out prompts, 8 categories)",
+               "mt-bench": "MT-Bench (first turns, 8 categories)"}
 BOOTSTRAP_RESAMPLES = 2000
 
 

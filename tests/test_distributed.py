@@ -96,3 +96,21 @@ def test_two_cpu_processes_equal_one_process_with_the_global_batch(tiny_model_di
     assert output.count("mtpkit finetune: sequential x3") == 1 and output.count("held-out accuracy") == 1
     assert output.count("step 2: eval top-1 per head") == 1 and output.count("caching hidden states") == 1
     assert not (two / CHECKPOINT_DIR).exists()
+
+
+@pytest.mark.parametrize("kind, refused", [("NO", None), ("MULTI_CPU", None), ("MULTI_GPU", None),
+                                           ("FSDP", "not FSDP"), ("DEEPSPEED", "not DeepSpeed")])
+def test_finetune_refuses_fsdp_and_deepspeed_in_one_line(kind, refused):
+    """accelerate selects FSDP and DeepSpeed on GPUs only, so the decision is checked on its own: the heads train
+    on one process or under DDP (the two-process run above), and FSDP or DeepSpeed is one clear line."""
+    from accelerate import DistributedType
+
+    from mtpkit.errors import MtpkitError
+    from mtpkit.train.recipe import check_distributed_type
+
+    if refused is None:
+        check_distributed_type(DistributedType[kind])
+    else:
+        with pytest.raises(MtpkitError, match=refused) as error:
+            check_distributed_type(DistributedType[kind])
+        assert "\n" not in str(error.value)

@@ -53,7 +53,7 @@ def _base_rows(backbone: Backbone, rows: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 class TrainedModel(nn.Module):
-    """What accelerate prepares (DDP, FSDP): the heads, and with LoRA the base too. Its forward is the
+    """What accelerate prepares (DDP): the heads, and with LoRA the base too. Its forward is the
     teacher-forced pass; the losses run outside it, on detached copies of what it returns, and one backward
     from those copies into it per micro-batch is where the gradients are synchronised."""
 

@@ -148,7 +148,7 @@ def is_main_process() -> bool:
 
 
 def _make_accelerator(mixed_precision: str):
-    from accelerate import Accelerator, DistributedType
+    from accelerate import Accelerator
 
     try:
         accelerator = Accelerator(mixed_precision=mixed_precision, cpu=_on_cpu_only())
@@ -163,10 +163,21 @@ def _make_accelerator(mixed_precision: str):
             accelerator = Accelerator(mixed_precision=mixed_precision, cpu=_on_cpu_only())
         except (ValueError, RuntimeError) as again:
             raise MtpkitError(f"--mixed-precision {mixed_precision}: {str(again).splitlines()[0][:200]}") from None
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # DeepSpeed's engine owns backward and step; the heads' chunked backward needs both in hand
-        raise MtpkitError("finetune runs under DDP or FSDP (accelerate config), not DeepSpeed")
+    check_distributed_type(accelerator.distributed_type)
     return accelerator
+
+
+def check_distributed_type(distributed_type) -> None:
+    """finetune runs on one process or under DDP; DeepSpeed and FSDP are refused in one line."""
+    from accelerate import DistributedType
+
+    if distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed's engine owns backward and step; the heads' chunked backward needs both in hand
+        raise MtpkitError("finetune runs under DDP (accelerate config), not DeepSpeed")
+    if distributed_type == DistributedType.FSDP:
+        # evaluation and the saved state dict read the unwrapped heads, which FSDP shards: not supported
+        raise MtpkitError("finetune runs under DDP (accelerate config), not FSDP: the heads are small enough to "
+                          "replicate on every process")
 
 
 def setup(heads_dir: Path, options: FinetuneOptions, backbone: Backbone | None = None,
@@ -296,7 +307,7 @@ def response_quality(examples: list[TokenizedExample], stop_ids: set[int]) -> De
 
 
 def _setup_optimizer(heads: DraftHeads, peft_model, options: FinetuneOptions, accelerator, sequences: int):
-    """The model accelerate prepares (DDP/FSDP around it), AdamW with mixed-precision scaling, warmup + cosine
+    """The model accelerate prepares (DDP around it), AdamW with mixed-precision scaling, warmup + cosine
     (stepped once per optimizer step, so not prepared); and the run's length in steps and micro-batches."""
     micro = math.ceil(sequences / (options.batch_size * accelerator.num_processes))
     steps_per_epoch = math.ceil(micro / options.grad_accum)
