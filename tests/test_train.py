@@ -200,13 +200,14 @@ class StopAt:
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("style", ["medusa", "sequential"])
-def test_resumed_run_equals_uninterrupted_run(tiny_model_dirs, tmp_path, text_data, style):
+@pytest.mark.parametrize("style, teacher_forcing", [("medusa", 1.0), ("sequential", 1.0), ("sequential", 0.5)])
+def test_resumed_run_equals_uninterrupted_run(tiny_model_dirs, tmp_path, text_data, style, teacher_forcing):
     fresh = make_heads(tiny_model_dirs, tmp_path, style, name="fresh")
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     shutil.copytree(fresh, straight)
     shutil.copytree(fresh, interrupted)
-    settings = dict(max_steps=None, epochs=2, grad_accum=2, batch_size=8, save_every=3)  # 51 sequences: 4 steps/epoch
+    settings = dict(max_steps=None, epochs=2, grad_accum=2, batch_size=8, save_every=3,  # 51 sequences: 4 steps/epoch
+                    teacher_forcing=teacher_forcing)  # below 1 the drafted positions are drawn again on resume
 
     train.finetune(straight, options(text_data, **settings))
     with pytest.raises(train.TrainingInterrupted, match="interrupted at step 5"):

@@ -90,7 +90,7 @@ is identical to the base's own.
 - style: {_shape(config)}, {"own output layers" if config.own_lm_head else "sharing the base's output layer"}
 - LoRA on the base: {"yes (Medusa-2 style; the base's outputs change, adapter in `lora/`)" if config.lora else "no (the base is untouched)"}
 - data: {", ".join(t.get("data", []))} ({t.get("train_sequences")} training sequences{", responses self-distilled from the base" if t.get("self_distill") else ""})
-- training: {t.get("steps")} steps ({t.get("epochs")} epochs), lr {t.get("lr")}, batch {t.get("batch_size")} x {t.get("grad_accum")}, loss `{t.get("loss")}`{f' + feature regression x{t["feature_loss"]}' if t.get("feature_loss") else ''}, head weights `{t.get("head_weights")}`
+- training: {t.get("steps")} steps ({t.get("epochs")} epochs), lr {t.get("lr")}, batch {t.get("batch_size")} x {t.get("grad_accum")}, loss `{t.get("loss")}`{f' + feature regression x{t["feature_loss"]}' if t.get("feature_loss") else ''}{f', teacher forcing {t["teacher_forcing"]}' if t.get("teacher_forcing", 1.0) != 1.0 else ''}, head weights `{t.get("head_weights")}`
 - wall time: {t.get("wall_seconds")} s; mtpkit {config.mtpkit_version}
 
 ## Held-out accuracy ({evaluation.get("examples", 0)} sequences)

@@ -23,7 +23,8 @@ CHECKPOINT_FILE = "state.pt"
 STEP_KEY, HEADS_KEY, LORA_KEY = "step", "heads", "lora"
 OPTIMIZER_KEY, SCHEDULER_KEY, RNG_KEY = "optimizer", "scheduler", "rng"
 ORDERS_KEY, SETTINGS_KEY, VERSION_KEY = "orders", "settings", "mtpkit_version"
-SETTINGS_ADDED_LATER = {"feature_loss": 0.0}  # resume settings older checkpoints lack, with the value they ran with
+# resume settings older checkpoints lack, with the value they ran with
+SETTINGS_ADDED_LATER = {"feature_loss": 0.0, "teacher_forcing": 1.0}
 
 
 def checkpoint_step(run: Run) -> int | None:

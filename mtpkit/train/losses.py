@@ -4,10 +4,13 @@ loss and backward (``backward_heads``).
 A head's loss needs its full-vocabulary logits, the largest tensor here, so heads are scored one at a time
 on a detached copy of their state, in chunks of rows, and the gradients reach the head trunks in one backward
 at the end (the one DDP synchronises). Head k at position t predicts ``mtpkit.targets.head_targets`` and is
-conditioned on ``mtpkit.targets.conditioning_tokens``: nothing here re-derives a shift.
+conditioned on ``mtpkit.targets.conditioning_tokens``: nothing here re-derives a shift. Below full teacher
+forcing, sequential heads read head k-1's own draft at some positions instead (``self_conditioned_states``).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import nn
@@ -24,6 +27,65 @@ LORA_HEAD_SCALE = 0.2  # Medusa-2: with LoRA the base's own loss leads, the head
 
 def conditioning(heads: DraftHeads, ids: torch.Tensor) -> list[torch.Tensor]:
     return [targets.conditioning_tokens(ids, k) for k in range(1, heads.num_heads + 1)]
+
+
+def draft_seed(seed: int, step: int, micro_batch: int, process: int) -> int:
+    """Seed of the positions drawn for one micro-batch: a function of where it is in the run, so that a
+    resumed run draws what an uninterrupted one does."""
+    digest = hashlib.sha256(f"{seed}:{step}:{micro_batch}:{process}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def drafted_positions(ids: torch.Tensor, num_heads: int, teacher_forcing: float,
+                      seed: int) -> list[torch.Tensor | None] | None:
+    """Per head k, where it reads head k-1's draft rather than the true token (each position with probability
+    1 - ``teacher_forcing``); None for head 1, whose token at decode time is the base's own, and None in all
+    at full teacher forcing."""
+    if teacher_forcing >= 1.0:
+        return None
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draw on every device
+    return [None] + [(torch.rand(ids.shape, generator=generator) >= teacher_forcing).to(ids.device)
+                     for _ in range(2, num_heads + 1)]
+
+
+@torch.no_grad()
+def draft_tokens(heads: DraftHeads, k: int, states: torch.Tensor, vocab: TrainVocab | None) -> torch.Tensor:
+    """Head k's greedy draft (token ids) from its states [n, H] (k = 0: the base's), over ``vocab`` if given."""
+    tokens = torch.empty(states.shape[0], dtype=torch.long, device=states.device)
+    for start in range(0, states.shape[0], CHUNK_ROWS):
+        best = _scores(heads, k, states[start: start + CHUNK_ROWS], vocab).argmax(-1)
+        tokens[start: start + CHUNK_ROWS] = best if vocab is None else vocab.ids[best]
+    return tokens
+
+
+def self_conditioned_states(heads: DraftHeads, hidden: torch.Tensor, conditioning: list[torch.Tensor],
+                            drafted: list[torch.Tensor | None], vocab: TrainVocab | None) -> list[torch.Tensor]:
+    """Sequential heads' states where head k reads, at the ``drafted[k - 1]`` positions, the token head k-1
+    drafted from its state in this same forward (as decoding feeds it), and the true token elsewhere."""
+    states, prev = [], hidden
+    for k in range(1, heads.num_heads + 1):
+        tokens, where = conditioning[k - 1], drafted[k - 1]
+        if where is not None and where.any():
+            tokens = tokens.clone()
+            tokens[where] = draft_tokens(heads, k - 1, prev[where], vocab)
+        prev = heads.state(k, hidden, prev, tokens)
+        states.append(prev)
+    return states
+
+
+def distill_loss(logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(base || head), summed over rows (Hydra's teacher loss)."""
+    return F.kl_div(F.log_softmax(logits, -1), teacher_log_probs, log_target=True, reduction="sum")
+
+
+def total_variation(logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """TV(head, base) = 1/2 sum_v |p_v - q_v| = 1 - sum_v min(p_v, q_v), summed over rows: exactly the chance
+    that a draft sampled from the head is rejected by speculative sampling against the base; below half the
+    base's top-1 margin it also makes the head's argmax the base's (greedy acceptance)."""
+    return 0.5 * (F.softmax(logits, -1) - teacher_log_probs.exp()).abs().sum()
+
+
+TEACHER_LOSSES = {"distill": distill_loss, "tv": total_variation}  # the losses scored against the base
 
 
 def head_rows(valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,12 +124,17 @@ class TrainedModel(nn.Module):
         self.heads = heads
         self.base = base  # the LoRA-wrapped base, None when frozen (the frozen base is never registered)
 
-    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor | None = None):
-        """The base's hidden states, every head's states, and the heads' own output layers (if any)."""
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor | None = None,
+                drafted: list[torch.Tensor | None] | None = None, vocab: TrainVocab | None = None):
+        """The base's hidden states, every head's states, and the heads' own output layers (if any).
+        ``drafted``: where sequential heads read the previous head's draft (``drafted_positions``)."""
         heads = self.heads
         if hidden is None:
             hidden = heads.backbone.hidden(ids, attention_mask=attention_mask).last_hidden_state
-        states = heads.teacher_forced_states(hidden, conditioning(heads, ids))
+        if drafted is None:
+            states = heads.teacher_forced_states(hidden, conditioning(heads, ids))
+        else:
+            states = self_conditioned_states(heads, hidden, conditioning(heads, ids), drafted, vocab)
         output_layers = [w.view_as(w) for w in heads.lm_heads] if heads.config.own_lm_head else []
         return hidden, states, output_layers
 
@@ -101,7 +168,8 @@ def _unwrap(model: nn.Module) -> TrainedModel:
 
 def backward_heads(model: nn.Module, batch: Batch, weights: list[float], loss_type: str, accelerator, scale: float,
                    lora: bool, vocab: TrainVocab | None = None, feature_weight: float = 0.0,
-                   total_rows: list[int] | None = None) -> list[float | None]:
+                   total_rows: list[int] | None = None, teacher_forcing: float = 1.0,
+                   seed: int = 0) -> list[float | None]:
     """Forward, loss and backward of one micro-batch; each head's mean loss, None where it had no target.
 
     ``model`` is a ``TrainedModel``, prepared by accelerate or not. Each output's loss is a mean over
@@ -112,15 +180,18 @@ def backward_heads(model: nn.Module, batch: Batch, weights: list[float], loss_ty
     ``feature_weight`` adds EAGLE's feature regression: head k's state at t is scored by the output layer
     just as the base's hidden state at t + k is, so it is pulled towards that state (smooth L1, mean over
     dimensions): a dense target beside the token one.
+    ``teacher_forcing`` below 1 feeds sequential heads their own drafts at positions drawn with ``seed``.
     """
     heads = _unwrap(model).heads
+    drafted = drafted_positions(batch.ids, heads.num_heads, teacher_forcing, seed)
     with accelerator.autocast():
-        hidden, states, output_layers = model(batch.ids, batch.attention_mask, batch.hidden)
+        hidden, states, output_layers = model(batch.ids, batch.attention_mask, batch.hidden,
+                                              **({} if drafted is None else {"drafted": drafted, "vocab": vocab}))
     outputs = ([(0, hidden, 1.0)] if lora else []) + [
         (k, state, weights[k - 1] * (LORA_HEAD_SCALE if lora else 1.0)) for k, state in enumerate(states, start=1)]
     layer_leaves = [w.detach().requires_grad_() for w in output_layers]
     teacher_hidden = hidden.detach().reshape(-1, hidden.shape[-1])
-    teacher = _Teacher(heads, teacher_hidden, vocab, accelerator) if loss_type == "distill" else None
+    teacher = _Teacher(heads, teacher_hidden, vocab, accelerator) if loss_type in TEACHER_LOSSES else None
     leaves, losses = [], []
     for position, (k, state, weight) in enumerate(outputs):
         leaf = state.detach().requires_grad_()
@@ -141,8 +212,7 @@ def backward_heads(model: nn.Module, batch: Batch, weights: list[float], loss_ty
             with accelerator.autocast():
                 logits = _scores(heads, k, flat_state[chunk], vocab, own_layer).float()
             if teacher is not None and k > 0:
-                loss = F.kl_div(F.log_softmax(logits, -1), teacher.log_probs(teacher_rows[start: start + CHUNK_ROWS]),
-                                log_target=True, reduction="sum")
+                loss = TEACHER_LOSSES[loss_type](logits, teacher.log_probs(teacher_rows[start: start + CHUNK_ROWS]))
             else:
                 loss = F.cross_entropy(logits, labels[chunk], reduction="sum")
             if feature_weight and k > 0:

@@ -40,7 +40,7 @@ from mtpkit.train.card import PLOT_NAME, learning_curve, model_card, plot_histor
 from mtpkit.train.checkpoints import CHECKPOINT_FILE, checkpoint_step, load_checkpoint, save_checkpoint
 from mtpkit.train.evaluation import eval_counts, eval_summary
 from mtpkit.train.hidden import HiddenStore, compute_hidden
-from mtpkit.train.losses import TrainedModel, backward_heads
+from mtpkit.train.losses import TrainedModel, backward_heads, draft_seed
 from mtpkit.train.options import FinetuneOptions, parse_head_weights
 
 @dataclass
@@ -131,7 +131,7 @@ class Run:
         o = self.options
         return {"batch_size": o.batch_size, "grad_accum": o.grad_accum, "total_steps": self.total_steps,
                 "lr": o.lr, "loss": o.loss, "weights": self.weights, "seed": o.seed, "lora": o.lora,
-                "train_vocab": o.train_vocab, "feature_loss": o.feature_loss,
+                "train_vocab": o.train_vocab, "feature_loss": o.feature_loss, "teacher_forcing": o.teacher_forcing,
                 "data": data_fingerprint(self.data.train_examples), "processes": self.accelerator.num_processes}
 
 
@@ -189,6 +189,9 @@ def setup(heads_dir: Path, options: FinetuneOptions, backbone: Backbone | None =
     weights = parse_head_weights(options.head_weights, config.num_heads)
     if options.resume and not (heads_dir / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file():
         raise MtpkitError(f"--resume: {heads_dir / CHECKPOINT_DIR} holds no checkpoint to resume from")
+    if options.teacher_forcing < 1 and config.style != "sequential":
+        raise MtpkitError(f"--teacher-forcing below 1 trains sequential heads only "
+                          f"({heads_dir} holds {config.style} heads)")
     if config.lora and not options.lora:
         raise MtpkitError(f"{heads_dir} was trained with --lora (its base was tuned); train it again with --lora "
                           "or attach fresh heads")
@@ -419,7 +422,9 @@ def train(run: Run, callbacks: Callbacks | None = None) -> None:
                 sync = index == micro[-1]
                 with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
                     losses = backward_heads(run.model, batch, run.weights, options.loss, accelerator, 1.0 / len(micro),
-                                            options.lora, run.data.vocab, options.feature_loss, total_rows=everyone)
+                                            options.lora, run.data.vocab, options.feature_loss, total_rows=everyone,
+                                            teacher_forcing=options.teacher_forcing,
+                                            seed=draft_seed(options.seed, run.step, index, accelerator.process_index))
                 mine = target_rows(run.data.train_examples, indices, num_heads, options.lora)
                 loss_sums.append([0.0 if x is None else x * n for x, n in zip(losses, mine)])
                 row_counts.append(everyone)
@@ -539,7 +544,8 @@ def save(run: Run, wall_seconds: float) -> list[Path]:
         "distill_max_new_tokens": options.distill_max_new_tokens if run.data.self_distill else None,
         "steps": run.step, "epochs": round(run.step / run.steps_per_epoch, 3), "lr": options.lr,
         "batch_size": options.batch_size, "grad_accum": options.grad_accum, "max_length": options.max_length,
-        "loss": options.loss, "feature_loss": options.feature_loss, "train_vocab": run.data.vocab.ids.numel() if run.data.vocab is not None else "full",
+        "loss": options.loss, "feature_loss": options.feature_loss, "teacher_forcing": options.teacher_forcing,
+        "train_vocab": run.data.vocab.ids.numel() if run.data.vocab is not None else "full",
         "head_weights": options.head_weights, "weights": run.weights, "lora": options.lora,
         "mixed_precision": options.mixed_precision, "dtype": options.dtype, "seed": options.seed,
         "processes": run.accelerator.num_processes, "sequences_per_process": run.sequences_per_process,
