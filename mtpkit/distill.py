@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mtpkit.backbone import Backbone, cache_root
-from mtpkit.checkpoint import append_lines
+from mtpkit.backbone import Backbone
 from mtpkit.data import Example, prompt_ids
+from mtpkit.files import append_lines, cache_root
 from mtpkit.generation import default_batch_size, eos_ids, generate
 from mtpkit.quality import Degeneracy, degeneracy
 

@@ -20,7 +20,6 @@ import functools
 import json
 from pathlib import Path
 
-from mtpkit.backbone import cache_root
 from mtpkit.calibrate import auto_tree, calibrate, calibration_key
 from mtpkit.config import CORPUS_NAME, HeadsConfig
 from mtpkit.decoding import HeadsDrafter, PlainDecoder, SpeculativeDecoder, resolve_tree
@@ -30,6 +29,7 @@ from mtpkit.drafting.lookup import PromptLookup
 from mtpkit.drafting.recycle import RecycleDrafter
 from mtpkit.drafting.suffix import SuffixDrafter, SuffixIndex
 from mtpkit.errors import MtpkitError
+from mtpkit.files import cache_root
 from mtpkit.tree import widen_choices
 
 DRAFTS = {"hybrid": ("heads", "lookup", "suffix", "recycle"), "heads": ("heads",), "lookup": ("lookup",),
@@ -117,7 +117,7 @@ def remembered_calibrator(path: Path) -> ConfidenceCalibrator | None:
 
 def remember_calibrator(decoder: SpeculativeDecoder, path: Path) -> None:
     """Keep what ``decoder``'s calibrator learned (atomically; a decoder without one keeps nothing)."""
-    from mtpkit.checkpoint import atomic_write_text
+    from mtpkit.files import atomic_write_text
 
     calibrator = getattr(decoder, "calibrator", None)
     if calibrator is not None:

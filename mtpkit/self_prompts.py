@@ -20,11 +20,12 @@ from typing import Callable
 
 import torch
 
-from mtpkit.backbone import Backbone, cache_root
+from mtpkit.backbone import Backbone
 from mtpkit.chat import has_chat_template
-from mtpkit.checkpoint import append_lines, atomic_write_text
+from mtpkit.files import append_lines, atomic_write_text
 from mtpkit.generation import Sampler, default_batch_size, eos_ids, generate
 from mtpkit.errors import MtpkitError
+from mtpkit.files import cache_root
 from mtpkit.quality import deduplicate, distinct_ngrams, is_looping
 
 SENTINEL = "\ue000mtpkit-user-turn\ue000"  # a private-use marker no template contains

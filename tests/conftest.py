@@ -109,3 +109,11 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep calibration and model caches of tests out of the user's cache, but share GGUF conversions."""
     if "MTPKIT_CACHE" not in os.environ:
         monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path_factory.getbasetemp() / "mtpkit-cache"))
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    """A CLI run refused bad input the way every command must: non-zero exit, no traceback, one 'error:' line."""
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output

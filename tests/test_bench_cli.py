@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mtpkit.cli.app import app
+from tests.conftest import assert_one_line_error
 
 runner = CliRunner()
 METHODS = ["hf-greedy", "greedy", "greedy-pair", "hf-pld", "pld", "mtp-chain", "mtp-tree", "mtp-hybrid"]
@@ -102,13 +103,6 @@ def test_every_method_reproduces_greedy_output(bench_run):
             assert figures["forward_passes"] == len(figures["accepted_lengths"]) + 1
             assert figures["mean_accepted_tokens"] == pytest.approx(figures["new_tokens"] / figures["forward_passes"])
     assert "differs" not in result.stderr
-
-
-def assert_one_line_error(result, fragment):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output
 
 
 def test_controls_run_even_when_not_asked_for(heads_dir, tmp_path):

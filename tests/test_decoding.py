@@ -495,7 +495,7 @@ def test_sampling_warps_only_the_rows_the_acceptance_walk_visits(tiny_backbone, 
 
 
 def test_auto_tree_uses_training_metrics_and_caches(tiny_backbone):
-    from mtpkit.backbone import cache_root
+    from mtpkit.files import cache_root
     from mtpkit.calibrate import calibrate, calibration_key
 
     heads = random_heads(tiny_backbone, "medusa", num_heads=3)

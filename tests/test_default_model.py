@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mtpkit.attach import attach
-from mtpkit.backbone import cache_root, load_backbone
+from mtpkit.backbone import load_backbone
+from mtpkit.files import cache_root
 from mtpkit.checkpoint import load_heads
 from mtpkit.config import CONFIG_NAME, WEIGHTS_NAME
 

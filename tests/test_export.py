@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import mtpkit.export as export_module
+from tests.conftest import assert_one_line_error
 from mtpkit.attach import attach
 from mtpkit.checkpoint import open_heads, save_heads
 from mtpkit.cli.app import app
@@ -130,20 +131,13 @@ def run(*args):
     return runner.invoke(app, ["export", *(str(a) for a in args)])
 
 
-def assert_refused(result, fragment):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output
-
-
 def test_cli_exports_and_force_replaces(medusa_dir, tmp_path):
     out = tmp_path / "vllm"
     result = run(medusa_dir, "--out", out)
     assert result.exit_code == 0, result.output
     assert "checked against" in result.output and check_vllm_medusa(out) == []
     (out / "stale.txt").write_text("old")
-    assert_refused(run(medusa_dir, "--out", out), "is not empty")
+    assert_one_line_error(run(medusa_dir, "--out", out), "is not empty")
     assert (out / "stale.txt").exists()
     result = run(medusa_dir, "--out", out, "--force")
     assert result.exit_code == 0, result.output
@@ -155,7 +149,7 @@ def test_untrained_heads_are_refused_unless_allowed(tiny_model_dirs, tmp_path):
     heads_dir = make_heads_dir(tmp_path / "heads", tiny_model_dirs["llama"], trained=False)
     work = tmp_path / "work"
     work.mkdir()
-    assert_refused(run(heads_dir, "--out", work / "vllm"), "untrained heads")
+    assert_one_line_error(run(heads_dir, "--out", work / "vllm"), "untrained heads")
     assert listing(work) == []
     result = run(heads_dir, "--out", work / "vllm", "--allow-untrained")
     assert result.exit_code == 0, result.output
@@ -166,19 +160,19 @@ def test_styles_without_a_serving_format_are_refused(tiny_model_dirs, tmp_path):
     heads_dir = make_heads_dir(tmp_path / "heads", tiny_model_dirs["llama"], style="sequential")
     work = tmp_path / "work"
     work.mkdir()
-    assert_refused(run(heads_dir, "--out", work / "vllm"), "sequential heads have no serving format")
+    assert_one_line_error(run(heads_dir, "--out", work / "vllm"), "sequential heads have no serving format")
     assert "medusa heads (vllm-medusa)" in run(heads_dir, "--out", work / "vllm").output
     assert listing(work) == []
 
 
 def test_another_verifier_is_refused(medusa_dir, tiny_model_dirs, tmp_path):
-    assert_refused(run(medusa_dir, "--out", tmp_path / "vllm", "--verifier", tiny_model_dirs["qwen2"]),
+    assert_one_line_error(run(medusa_dir, "--out", tmp_path / "vllm", "--verifier", tiny_model_dirs["qwen2"]),
                    "do not fit")
     assert listing(tmp_path) == []
 
 
 def test_unknown_format_is_refused(medusa_dir, tmp_path):
-    assert_refused(run(medusa_dir, "--out", tmp_path / "vllm", "--format", "tensorrt"), "unknown --format")
+    assert_one_line_error(run(medusa_dir, "--out", tmp_path / "vllm", "--format", "tensorrt"), "unknown --format")
     assert listing(tmp_path) == []
 
 

@@ -187,7 +187,7 @@ def test_generate_remembers_what_the_calibrator_learned(heads_dir, tmp_path, mon
     import shutil
 
     from mtpkit import draft_sources
-    from mtpkit.backbone import cache_root
+    from mtpkit.files import cache_root
     from mtpkit.checkpoint import open_heads
     from mtpkit.decoding import encode_prompt, greedy_generate
 

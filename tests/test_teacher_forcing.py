@@ -1,6 +1,5 @@
 """Sequential heads trained on their own drafts (``--teacher-forcing``) and the total-variation loss (``--loss tv``)."""
 
-import json
 import math
 import shutil
 
@@ -11,34 +10,22 @@ from torch.nn import functional as F
 from typer.testing import CliRunner
 
 from mtpkit import targets, train
-from mtpkit.attach import attach
 from mtpkit.cli.app import app
 from mtpkit.config import CARD_NAME, WEIGHTS_NAME, HeadsConfig
 from mtpkit.errors import MtpkitError
 from mtpkit.train import losses
-from tests.conftest import CORPUS
+
+from tests.test_train import make_heads as make_train_heads, options as train_options, text_data  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
-@pytest.fixture
-def text_data(tmp_path):
-    path = tmp_path / "text.jsonl"
-    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in CORPUS * 2))
-    return path
-
-
 def make_heads(tiny_model_dirs, tmp_path, style="sequential", num_heads=3, name="heads"):
-    out = tmp_path / name
-    attach(str(tiny_model_dirs["llama"]), style, num_heads, 1, out)
-    return out
+    return make_train_heads(tiny_model_dirs, tmp_path, style, num_heads, name)
 
 
 def options(data, **kw):
-    settings = dict(data=[str(data)], lr=1e-2, batch_size=4, eval_fraction=0.2, eval_every=0, save_every=0,
-                    max_steps=4, seed=0, train_vocab="full", loss="ce")
-    settings.update(kw)
-    return train.FinetuneOptions(**settings)
+    return train_options(data, **{"max_steps": 4, "train_vocab": "full", "loss": "ce", **kw})
 
 
 def random_run(tiny_model_dirs, tmp_path, text_data, **kw):

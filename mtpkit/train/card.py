@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtpkit.checkpoint import atomic_write
+from mtpkit.files import atomic_write
 from mtpkit.config import HeadsConfig
 
 PLOT_NAME = "training.png"

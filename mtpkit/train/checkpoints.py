@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mtpkit import __version__
-from mtpkit.checkpoint import atomic_write, atomic_write_text
+from mtpkit.files import atomic_write, atomic_write_text
 from mtpkit.config import METRICS_NAME
 from mtpkit.errors import MtpkitError
 

@@ -10,8 +10,9 @@ from typing import Callable
 
 import torch
 
-from mtpkit.backbone import Backbone, cache_root
+from mtpkit.backbone import Backbone
 from mtpkit.data import TokenizedExample
+from mtpkit.files import cache_root
 
 HIDDEN_BATCH_TOKENS = 4096  # tokens per backbone forward when caching hidden states
 

@@ -90,7 +90,6 @@ TEACHER_LOSSES = {"distill": distill_loss, "tv": total_variation}  # the losses 
 
 def head_rows(valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices of the positions t where head k has a target, and of t + k (where the base predicts it)."""
-    width = valid.shape[1]
     flat = valid.reshape(-1).nonzero().squeeze(1)
     return flat, flat + (targets.target_offset(k) - 1)  # never crosses a row: valid t has t + k + 1 < width
 

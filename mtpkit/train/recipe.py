@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from mtpkit import __version__
-from mtpkit.backbone import Backbone, cache_root, load_backbone
-from mtpkit.checkpoint import atomic_write_text, check_compatible, load_heads, save_heads
+from mtpkit.backbone import Backbone, load_backbone
+from mtpkit.checkpoint import check_compatible, load_heads, save_heads
 from mtpkit.config import CARD_NAME, CHECKPOINT_DIR, CORPUS_NAME, LORA_DIR, METRICS_NAME, HeadsConfig
 from mtpkit.data import Dataset, TokenizedExample, data_fingerprint, load_data, tokenize_all
 from mtpkit.distill import DistillStats, distill
 from mtpkit.generation import eos_ids
 from mtpkit.errors import MtpkitError
+from mtpkit.files import atomic_write_text, cache_root
 from mtpkit.heads import DraftHeads
 from mtpkit.quality import Degeneracy, degeneracy
 from mtpkit.train.batches import Batch, TrainVocab, collate, draft_vocab, epoch_order, shard, target_rows
