@@ -625,7 +625,7 @@ def draft_with_eagle(heads: DraftHeads, plan: _Plan, draft_cache, root_state: to
                                            tokens.index_select(0, parents), anchor + d - 1, drafted, visible)
             drafted = append_keys(drafted, own)
             drafted_ids = parents if drafted_ids is None else torch.cat([drafted_ids, parents])
-        _place_drafts(dp, *heads.draft_logits(d, states), tokens, confidences)
+        _place_drafts(dp, *heads.draft_logits(d, heads.readout(states)), tokens, confidences)
     return confidences
 
 
@@ -737,8 +737,9 @@ class SpeculativeDecoder:
             drafter.start(prompt)
         heads_drafter = self.heads_drafter
         # the base's hidden states of the newly committed positions; the last one's next token is the root
-        hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[0]
-        root = self._next_token(backbone.logits(hidden[-1:])[0])
+        outputs = backbone.hidden(ids, past_key_values=cache, use_cache=True, **self.heads.feature_kwargs)
+        hidden = self.heads.features(outputs)[0]  # what the heads read (eagle3: three layers' states)
+        root = self._next_token(backbone.logits(outputs.last_hidden_state[0, -1:])[0])
         next_tokens = prompt[1:] + [root]  # the token after each row of ``hidden``
         forward_passes, accepted_lengths, draft_seconds = 1, [], 0.0
         prefix = ids.shape[1]
@@ -821,12 +822,13 @@ class SpeculativeDecoder:
 
     def _verify(self, plan: _Plan, tokens: torch.Tensor, cache, prefix: int, capacity: int):
         """One base forward over the tree, acceptance, and the accepted path's KV kept: (accepted nodes, new
-        tokens, rejected node or None, the tree's hidden states)."""
+        tokens, rejected node or None, the tree's features as the heads read them)."""
         positions = (plan.offsets + prefix).unsqueeze(0)
-        verified = self.backbone.hidden(tokens.unsqueeze(0), past_key_values=cache, position_ids=positions,
-                                        attention_mask=plan.mask(prefix, capacity, self.backbone.dtype),
-                                        use_cache=True).last_hidden_state[0]
-        logits = self.backbone.logits(verified)
+        outputs = self.backbone.hidden(tokens.unsqueeze(0), past_key_values=cache, position_ids=positions,
+                                       attention_mask=plan.mask(prefix, capacity, self.backbone.dtype),
+                                       use_cache=True, **self.heads.feature_kwargs)
+        logits = self.backbone.logits(outputs.last_hidden_state[0])
+        verified = self.heads.features(outputs)[0]
         if self.sampling and not self.typical:
             nodes, new_tokens, rejected = self._accept_sampling(plan, tokens, logits)
         else:

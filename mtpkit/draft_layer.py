@@ -89,11 +89,20 @@ class DraftAttention(nn.Module):
         self.out = nn.Linear(hidden_size, hidden_size, bias=False)
         nn.init.zeros_(self.out.weight)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, h, T, d] of ``x`` [B, T, input size]."""
+        batch, length, _ = x.shape
+        return self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def output(self, mixed: torch.Tensor) -> torch.Tensor:
+        return self.out(mixed)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: list[Segment],
                 own_mask) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Attend from ``x`` [B, T, H] to the ``past`` segments and to its own keys; return (output, own keys/values)."""
+        """Attend from ``x`` [B, T, input size] to the ``past`` segments and to its own keys; return (output
+        [B, T, H], own keys/values)."""
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.project(x)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         q = q * self.head_dim ** -0.5
         scores, values, diagonal = [], [], []
@@ -116,7 +125,7 @@ class DraftAttention(nn.Module):
             start += score.shape[-1]
             mixed = mixed + (part * vals if is_diagonal else part @ vals)
         mixed = mixed.transpose(1, 2).reshape(batch, length, -1)
-        return self.out(mixed), (k, v)
+        return self.output(mixed), (k, v)
 
 
 class DraftDecoderLayer(nn.Module):
@@ -183,6 +192,14 @@ class EagleHead(nn.Module):
         self.head_dim = hidden_size // heads
         self.layers = nn.ModuleList(DraftDecoderLayer(hidden_size, heads) for _ in range(num_layers))
 
+    def condition(self, features: torch.Tensor) -> torch.Tensor:
+        """The first step's input state from the base's features (eagle reads the last hidden state as it is)."""
+        return features
+
+    def readout(self, state: torch.Tensor) -> torch.Tensor:
+        """What the output layer scores, from a step's output state (eagle: the state itself)."""
+        return state
+
     def forward(self, prev_state: torch.Tensor, token_embedding: torch.Tensor, positions: torch.Tensor,
                 past: list[list[Segment]], own_mask) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """States [B, T, H] at ``positions`` [T]; ``past[layer]`` are the key segments each layer attends to
@@ -201,10 +218,98 @@ class EagleHead(nn.Module):
         steps' keys at t — exactly what it sees when drafting at decode time."""
         length = hidden.shape[1]
         positions = torch.arange(length, device=hidden.device)
-        first, own = self(hidden, embeddings[0], positions, [[] for _ in self.layers], "causal")
+        first, own = self(self.condition(hidden), embeddings[0], positions, [[] for _ in self.layers], "causal")
         states, past = [first], [[(k, v, "causal")] for k, v in own]
         for step in range(1, len(embeddings)):
             state, own = self(states[-1], embeddings[step], positions + step, past, "diagonal")
             states.append(state)
             past = [segments + [(k, v, "diagonal")] for segments, (k, v) in zip(past, own)]
-        return states
+        return [self.readout(state) for state in states]
+
+
+# --------------------------------------------------------------------------- eagle3: EAGLE-3's draft model
+
+
+class Eagle3Attention(DraftAttention):
+    """``DraftAttention`` with EAGLE-3's projections: q/k/v read the 2H-wide [token; hidden] input."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        nn.Module.__init__(self)
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.q_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def project(self, x):
+        batch, length, _ = x.shape
+        return [proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+                for proj in (self.q_proj, self.k_proj, self.v_proj)]
+
+    def output(self, mixed):
+        return self.o_proj(mixed)
+
+
+class Eagle3DecoderLayer(nn.Module):
+    """EAGLE-3's one decoder layer (vLLM's ``LlamaDecoderLayer`` of ``llama_eagle3``, speculators' ``Eagle3``):
+    attention over [input_layernorm(token embedding); hidden_norm(state)], the state as the residual, then a
+    Llama MLP (transformers' ``LlamaMLP``)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int):
+        super().__init__()
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+        self.input_layernorm = LlamaRMSNorm(hidden_size, eps=1e-6)
+        self.hidden_norm = LlamaRMSNorm(hidden_size, eps=1e-6)
+        self.self_attn = Eagle3Attention(hidden_size, num_heads)
+        self.post_attention_layernorm = LlamaRMSNorm(hidden_size, eps=1e-6)
+        self.mlp = LlamaMLP(LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                        hidden_act="silu", mlp_bias=False))
+
+    def forward(self, state, token_embedding, cos, sin, past: list[Segment], own_mask):
+        fused = torch.cat([self.input_layernorm(token_embedding), self.hidden_norm(state)], dim=-1)
+        attended, own = self.self_attn(fused, cos, sin, past, own_mask)
+        x = state + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), own
+
+
+class Eagle3Head(EagleHead):
+    """The draft model of the ``eagle3`` style (EAGLE-3): ``fc`` fuses three of the base's layers' hidden
+    states [3H] into one state, one decoder layer reads it with the next token, ``norm`` then ``lm_head`` (over
+    the draft vocabulary, ``draft_vocab_size`` rows) score it.
+
+    A step's output state before ``norm`` (vLLM's ``hidden_prenorm``) is what the next step reads as its
+    "hidden" input, in training-time test and in drafting alike. ``d2t`` (target id = draft id + d2t[draft id])
+    and ``t2d`` (which target ids are drafted) are EAGLE-3's view of the draft vocabulary, kept as buffers.
+    Unlike vLLM's, attention has as many key/value heads as query heads and rotary theta 10000 (as ``eagle``).
+    """
+
+    def __init__(self, hidden_size: int, draft_vocab_size: int, vocab_size: int, intermediate_size: int,
+                 num_layers: int = 1):
+        nn.Module.__init__(self)
+        heads = attention_heads_for(hidden_size)
+        self.head_dim = hidden_size // heads
+        self.fc = nn.Linear(3 * hidden_size, hidden_size, bias=False)
+        self.layers = nn.ModuleList(Eagle3DecoderLayer(hidden_size, heads, intermediate_size)
+                                    for _ in range(num_layers))
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.norm = LlamaRMSNorm(hidden_size, eps=1e-6)
+        self.lm_head = nn.Linear(hidden_size, draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.arange(vocab_size) < draft_vocab_size)
+
+    def condition(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
+    def readout(self, state: torch.Tensor) -> torch.Tensor:
+        return self.norm(state)
+
+    def forward(self, prev_state, token_embedding, positions, past, own_mask):
+        cos, sin = rotary(positions, self.head_dim, prev_state.dtype)
+        x, own = prev_state, []
+        for layer, segments in zip(self.layers, past):
+            x, kv = layer(x, token_embedding, cos, sin, segments, own_mask)
+            own.append(kv)
+        return x, own

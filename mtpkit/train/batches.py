@@ -71,6 +71,17 @@ def draft_vocab(examples: list[TokenizedExample], limit: int = DRAFT_VOCAB_LIMIT
     return torch.tensor(sorted(top), dtype=torch.long)
 
 
+def draft_vocab_of_size(examples: list[TokenizedExample], size: int) -> torch.Tensor:
+    """Exactly ``size`` token ids, sorted: the most frequent target tokens of the training data, then (if the
+    data has fewer distinct ones) the lowest ids not among them. eagle3's draft vocabulary."""
+    top = draft_vocab(examples, size)
+    if top.numel() < size:
+        taken = set(top.tolist())
+        rest = [t for t in range(size + top.numel()) if t not in taken][: size - top.numel()]
+        top = torch.tensor(sorted(top.tolist() + rest), dtype=torch.long)
+    return top
+
+
 def base_order(n: int, seed: int) -> list[int]:
     """The seeded shuffle of the training sequences that fixes their columns (and is epoch 0's order)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000)).tolist()
