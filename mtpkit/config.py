@@ -19,7 +19,7 @@ METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 CORPUS_NAME = "corpus.parquet"  # the base's own responses, drafted from by the suffix drafter
 
-STYLES = ("medusa", "sequential", "eagle", "eagle3")
+STYLES = ("medusa", "sequential", "eagle", "eagle3")  # each one module of mtpkit.heads, by ``registry``
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -55,8 +55,6 @@ class HeadsConfig:
         if self.draft_vocab_size < 0:
             raise MtpkitError(f"--draft-vocab-size must be at least 1, or 0 for the whole vocabulary "
                               f"(got {self.draft_vocab_size})")
-        if self.style != "eagle3" and (self.draft_vocab_size or self.eagle_aux_hidden_state_layer_ids):
-            raise MtpkitError(f"--draft-vocab-size and --aux-layer are eagle3 options ({self.style} heads were asked for)")
 
     def check_base(self, vocab_size: int, num_layers: int) -> None:
         """The eagle3 options against the base: a draft vocabulary within its vocabulary, three layers it has."""

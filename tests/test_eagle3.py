@@ -289,3 +289,18 @@ def test_training_chooses_the_draft_vocabulary_lowers_the_loss_and_moves_only_th
     loaded = open_heads(heads_dir)
     assert loaded.draft_vocab.tolist() == chosen.tolist()
     assert loaded.config.training["draft_vocab"] == 40
+
+
+def test_every_style_is_one_module_in_the_registry():
+    import importlib
+
+    from mtpkit.config import STYLES as STYLE_NAMES
+    from mtpkit.heads import STYLES, style_of
+
+    assert tuple(STYLES) == STYLE_NAMES
+    for name, style in STYLES.items():
+        assert type(style).__module__ == f"mtpkit.heads.{name}"
+        assert importlib.import_module(f"mtpkit.heads.{name}")
+    assert style_of("eagle3").own_vocabulary and style_of("eagle3").attends and not style_of("medusa").sequential
+    with pytest.raises(MtpkitError, match="unknown head style 'hydra'"):
+        style_of("hydra")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mtpkit.checkpoint import atomic_write
 from mtpkit.config import HeadsConfig
+from mtpkit.heads import style_of
 
 PLOT_NAME = "training.png"
 
@@ -50,14 +51,7 @@ def _curve_rows(curve: list[dict]) -> str:
 
 
 def _shape(config: HeadsConfig) -> str:
-    if config.style == "eagle":
-        return (f"eagle, one draft model of {config.num_layers} decoder layer(s) with its own attention, "
-                f"run {config.num_heads} times per step (one per draft depth)")
-    if config.style == "eagle3":
-        return (f"eagle3 (EAGLE-3), one draft model of {config.num_layers} decoder layer(s) reading base layers "
-                f"{config.eagle_aux_hidden_state_layer_ids}, with its own output layer over "
-                f"{config.draft_vocab_size:,} draft tokens, run {config.num_heads} times per step")
-    return f"{config.style}, {config.num_heads} heads x {config.num_layers} layer(s)"
+    return style_of(config.style).describe(config)
 
 
 def _curve_section(curve: list[dict], num_heads: int) -> str:

@@ -192,9 +192,9 @@ def setup(heads_dir: Path, options: FinetuneOptions, backbone: Backbone | None =
     trust_remote_code = options.trust_remote_code or config.trust_remote_code
     heads = _setup_model(heads_dir, config, options, accelerator, backbone, trust_remote_code)
     timings["load_s"] = time.perf_counter() - started
-    if heads.has_draft_head and (options.loss != "ce" or options.feature_loss or options.lora):
-        raise MtpkitError("eagle3 heads train on the token loss only, over their draft vocabulary: use --loss ce, "
-                          "--feature-loss 0 and no --lora")
+    problem = heads.style.training_problem(options)
+    if problem:
+        raise MtpkitError(problem)
     data = _setup_data(heads.backbone, options, accelerator, callbacks, timings, heads.feature_layers)
     if heads.has_draft_head and not config.training and not options.resume:  # untrained: choose its draft vocabulary
         heads.set_draft_vocab(draft_vocab_of_size(data.train_examples, config.draft_vocab_size), init_output=True)

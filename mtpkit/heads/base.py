@@ -1,17 +1,8 @@
-"""Draft heads: two styles behind one interface.
+"""``DraftHeads``: K draft heads of one style (``mtpkit.heads.registry``) bound to a frozen base, behind the one
+interface that drafting (``mtpkit.decoding``), training (``mtpkit.train``) and the checkpoint use.
 
-``medusa``: head k is L residual blocks ``x + SiLU(W x + b)`` on the base's last hidden
-state h. ``sequential`` (Hydra / DeepSeek-V3 MTP): head k first fuses head k-1's state
-(h for k = 1) with the normed input embedding of the token it is conditioned on, then runs
-its own residual blocks, so later heads know the earlier drafts. ``eagle`` (EAGLE): one small draft
-model with its own attention over the sequence (``mtpkit.draft_layer``), run once per draft depth on
-its previous output and the token drafted before, with a KV cache of its own at decode time. ``eagle3``
-(EAGLE-3): like eagle, but its first step reads three of the base's layers' hidden states (low, middle, high;
-``features``) fused by ``fc``, its one decoder layer attends over [token; state], and it scores with its own
-output layer over a draft vocabulary (``d2t``/``t2d``, ``draft_vocab_from_d2t``).
-
-Every head scores its state with the base's frozen output layer unless ``own_lm_head`` is
-set. Fresh heads are zero-initialised so they reproduce the base's next-token distribution.
+Every head scores its state with the base's frozen output layer unless ``own_lm_head`` is set or the style has
+its own output layer (eagle3). Fresh heads of the older styles reproduce the base's next-token distribution.
 Which token each head predicts is defined in ``mtpkit.targets``.
 """
 
@@ -22,81 +13,10 @@ from torch import nn
 
 from mtpkit.backbone import Backbone
 from mtpkit.config import HeadsConfig
-from mtpkit.draft_layer import DraftCache, Eagle3Head, EagleHead, RMSNorm, identity_fuse
+from mtpkit.draft_layer import DraftCache
 from mtpkit.errors import MtpkitError
-
-EAGLE_STYLES = ("eagle", "eagle3")  # one draft model with its own attention and a draft KV cache
-
-
-def d2t_t2d(draft_vocab: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """EAGLE-3's view of a draft vocabulary (target ids, sorted): ``d2t`` [N] int64 offsets (target id = draft
-    id + d2t[draft id]) and ``t2d`` [V] bool (whether a target id is in the draft vocabulary)."""
-    draft_vocab = torch.as_tensor(draft_vocab).long()
-    d2t = draft_vocab - torch.arange(draft_vocab.numel(), device=draft_vocab.device)
-    t2d = torch.zeros(vocab_size, dtype=torch.bool, device=draft_vocab.device)
-    t2d[draft_vocab] = True
-    return d2t, t2d
-
-
-def draft_vocab_from_d2t(d2t: torch.Tensor, t2d: torch.Tensor | None = None) -> torch.Tensor:
-    """The target id of each draft id (``d2t_t2d``'s inverse); checks ``t2d`` agrees when given."""
-    draft_vocab = torch.arange(d2t.numel(), device=d2t.device) + d2t.long()
-    if t2d is not None and (int(t2d.sum()) != draft_vocab.numel() or not bool(t2d[draft_vocab].all())):
-        raise MtpkitError("d2t and t2d describe different draft vocabularies")
-    return draft_vocab
-
-
-def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """EAGLE-3's low, middle and high layers (speculators' default ``[2, L // 2, L - 3]``), kept inside a
-    small base's ``num_layers``."""
-    return [min(2, num_layers - 1), num_layers // 2, max(num_layers - 3, 0)]
-
-
-def intermediate_size_of(backbone: Backbone) -> int:
-    """The MLP width of the eagle3 layer: the base's own (as EAGLE-3's drafts have), else 8H/3 rounded."""
-    cfg = backbone.model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    size = getattr(cfg, "intermediate_size", None)
-    return size if isinstance(size, int) and size > 0 else 64 * max(1, round(8 * backbone.hidden_size / 3 / 64))
-
-
-class ResidualBlock(nn.Module):
-    """``x + SiLU(W x + b)``, zero-initialised so a fresh block is the identity."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, hidden_size)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + nn.functional.silu(self.linear(x))
-
-
-class MedusaHead(nn.Module):
-    def __init__(self, hidden_size: int, num_layers: int):
-        super().__init__()
-        # separate instances: each layer owns its parameters
-        self.blocks = nn.ModuleList(ResidualBlock(hidden_size) for _ in range(num_layers))
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            hidden = block(hidden)
-        return hidden
-
-
-class SequentialHead(nn.Module):
-    def __init__(self, hidden_size: int, num_layers: int):
-        super().__init__()
-        self.token_norm = RMSNorm(hidden_size)
-        self.fuse = identity_fuse(hidden_size)
-        self.blocks = nn.ModuleList(ResidualBlock(hidden_size) for _ in range(num_layers))
-
-    def forward(self, prev_state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
-        state = self.fuse(torch.cat([prev_state, self.token_norm(token_embedding)], dim=-1))
-        for block in self.blocks:
-            state = block(state)
-        return state
+from mtpkit.heads.eagle3 import d2t_t2d
+from mtpkit.heads.registry import style_of
 
 
 class DraftHeads(nn.Module):
@@ -106,16 +26,10 @@ class DraftHeads(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbone  # a plain dataclass, so its weights are not registered here
-        hidden, layers = config.hidden_size, config.num_layers
-        if config.style == "eagle":  # one draft model, run once per depth
-            self.heads = nn.ModuleList([EagleHead(hidden, layers)])
-        elif config.style == "eagle3":
-            config.check_base(backbone.vocab_size, backbone.num_layers)
-            self.heads = nn.ModuleList([Eagle3Head(hidden, config.draft_vocab_size, backbone.vocab_size,
-                                                   intermediate_size_of(backbone), layers)])
-        else:
-            make = (lambda: MedusaHead(hidden, layers)) if config.style == "medusa" else (lambda: SequentialHead(hidden, layers))
-            self.heads = nn.ModuleList(make() for _ in range(config.num_heads))
+        self.style = style_of(config.style)  # chosen once: nothing below asks for a style by name
+        self.style.check(config)
+        self.style.check_base(config, backbone)
+        self.heads = nn.ModuleList(self.style.modules(config, backbone))
         if config.own_lm_head:
             base_weight = backbone.model.get_output_embeddings().weight.detach()
             self.lm_heads = nn.ParameterList(
@@ -133,24 +47,24 @@ class DraftHeads(nn.Module):
     @property
     def is_sequential(self) -> bool:
         """Whether each depth's drafts depend on the parent draft's token and state (sequential and eagle)."""
-        return self.config.style == "sequential" or self.is_eagle
+        return self.style.sequential
 
     @property
     def is_eagle(self) -> bool:
         """Whether one draft model with its own attention drafts every depth on a draft KV cache."""
-        return self.config.style in EAGLE_STYLES
+        return self.style.attends
 
     @property
     def has_draft_head(self) -> bool:
         """Whether the heads score with their own output layer over the draft vocabulary (eagle3's ``lm_head``)."""
-        return self.config.style == "eagle3"
+        return self.style.own_vocabulary
 
     # ------------------------------------------------------------------ what the heads read of the base
 
     @property
     def feature_layers(self) -> list[int] | None:
         """The base layers whose input hidden states the heads read (eagle3), None: the final hidden state."""
-        return self.config.eagle_aux_hidden_state_layer_ids if self.config.style == "eagle3" else None
+        return self.style.feature_layers(self.config)
 
     @property
     def feature_size(self) -> int:
