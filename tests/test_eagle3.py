@@ -249,6 +249,7 @@ def test_attach_writes_eagle3_heads(tiny_model_dirs, tmp_path):
     (("--style", "eagle3", "--aux-layer", 0, "--aux-layer", 1, "--aux-layer", 5), "--aux-layer 5 is outside"),
     (("--style", "eagle3", "--aux-layer", 0), "three of the base's layers"),
     (("--style", "medusa", "--draft-vocab-size", 10), "eagle3 options"),
+    (("--style", "eagle3", "--layers", 2), "--layers must be 1"),
 ])
 def test_attach_refuses_bad_eagle3_input(tiny_model_dirs, tmp_path, args, fragment):
     out = tmp_path / "heads"

@@ -116,6 +116,11 @@ class DraftHeads(nn.Module):
             return full.index_copy(-1, self.draft_columns(), draft)
         return self.backbone.logits(state, *self.output_layer(k))
 
+    def draft_index(self) -> torch.Tensor:
+        """eagle3: the draft id of each target id [V], -1 outside the draft vocabulary (from ``t2d``)."""
+        t2d = self.heads[0].t2d
+        return torch.where(t2d, torch.cumsum(t2d.long(), 0) - 1, -1)
+
     def draft_columns(self) -> torch.Tensor:
         """eagle3: the target token id of each draft id, through ``d2t``."""
         d2t = self.heads[0].d2t

@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtpkit.draft_layer import DraftDecoderLayer, RMSNorm, Segment, attention_heads_for, identity_fuse, rotary
-from mtpkit.heads.style import HeadStyle
+from mtpkit.draft_layer import (DraftDecoderLayer, RMSNorm, Segment, append_keys, attention_heads_for, identity_fuse,
+                                rotary)
+from mtpkit.heads.style import HeadStyle, place_drafts
 
 
 class EagleHead(nn.Module):
@@ -69,6 +70,32 @@ class EagleStyle(HeadStyle):
 
     def modules(self, config, backbone):
         return [EagleHead(config.hidden_size, config.num_layers)]  # one draft model, run once per depth
+
+    def start(self, heads):
+        return heads.new_draft_cache()
+
+    def condition(self, heads, draft_state, hidden, next_tokens):
+        """Commit every newly verified position to the draft cache; the root's state is the last one's."""
+        return heads.commit(draft_state, hidden, torch.tensor(next_tokens, device=hidden.device))
+
+    def draft(self, heads, plan, draft_state, root, tokens, tracing):
+        """The draft model runs once per depth over that depth's expanding nodes; each node attends to the
+        draft cache and to its own ancestors drafted before it (the tree's ancestor mask)."""
+        confidences = [] if tracing else None
+        anchor = draft_state.length - 1  # the root's own position in the draft cache
+        states, drafted, drafted_ids = root, None, None
+        for dp in plan.depth_plans:
+            d = dp["depth"]
+            if d > 1:
+                parents = dp["expanding"]
+                visible = None if drafted_ids is None else \
+                    plan.ancestor_mask.index_select(0, parents).index_select(1, drafted_ids)
+                states, own = heads.draft_step(draft_state, states.index_select(0, dp["parent_slots"]),
+                                               tokens.index_select(0, parents), anchor + d - 1, drafted, visible)
+                drafted = append_keys(drafted, own)
+                drafted_ids = parents if drafted_ids is None else torch.cat([drafted_ids, parents])
+            place_drafts(dp, *heads.draft_logits(d, heads.readout(states)), tokens, confidences)
+        return confidences
 
     def describe(self, config):
         return (f"eagle, one draft model of {config.num_layers} decoder layer(s) with its own attention, "

@@ -137,7 +137,9 @@ class Eagle3Style(EagleStyle):
     own_vocabulary = True
 
     def check(self, config):
-        pass  # its options are checked against the base (``check_base``): they depend on its sizes
+        # the vocabulary and layer options are checked against the base (``check_base``): they depend on its sizes
+        if config.num_layers != 1:  # vLLM's later layers read the state alone, a layout not built here
+            raise MtpkitError(f"eagle3 has EAGLE-3's one decoder layer: --layers must be 1 (got {config.num_layers})")
 
     def defaults(self, backbone, draft_vocab_size, aux_layers):
         return draft_vocab_size or backbone.vocab_size, aux_layers or default_aux_layer_ids(backbone.num_layers)
@@ -151,6 +153,22 @@ class Eagle3Style(EagleStyle):
 
     def feature_layers(self, config):
         return config.eagle_aux_hidden_state_layer_ids
+
+    def output_layers(self, heads):
+        weight = heads.heads[0].lm_head.weight
+        return [weight.view_as(weight)]
+
+    def output_layer_of(self, k):
+        return 0  # one output layer, every depth
+
+    def loss_targets(self, heads, labels, valid, vocab):
+        """Draft ids of the targets; a target outside the draft vocabulary has no row (it can never be drafted).
+        The training vocabulary plays no part: the draft vocabulary is the softmax's."""
+        drafted = heads.draft_index()[labels]
+        return drafted, valid & (drafted >= 0)
+
+    def scores(self, heads, k, states, vocab, weight):
+        return nn.functional.linear(states, heads.heads[0].lm_head.weight if weight is None else weight)
 
     def training_problem(self, options):
         if options.loss != "ce" or options.feature_loss or options.lora:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtpkit.heads.style import HeadStyle
+from mtpkit.heads.style import HeadStyle, place_drafts
 
 
 class ResidualBlock(nn.Module):
@@ -40,3 +40,17 @@ class MedusaStyle(HeadStyle):
     def modules(self, config, backbone):
         # separate instances: each head owns its parameters
         return [MedusaHead(config.hidden_size, config.num_layers) for _ in range(config.num_heads)]
+
+    def draft(self, heads, plan, draft_state, root, tokens, tracing):
+        if heads.config.own_lm_head or not plan.max_depth:
+            return super().draft(heads, plan, draft_state, root, tokens, tracing)
+        # the heads all read h and share the base's output layer: score them in one product
+        confidences = [] if tracing else None
+        shared, columns = heads.draft_logits(1, torch.cat([heads.state(dp["depth"], root) for dp in plan.depth_plans]))
+        for dp in plan.depth_plans:
+            d = dp["depth"]
+            place_drafts(dp, shared[d - 1:d], columns, tokens, confidences)
+        return confidences
+
+    def draft_level(self, heads, plan, dp, draft_state, root, states, tokens):
+        return heads.state(dp["depth"], root)

@@ -32,3 +32,9 @@ class SequentialStyle(HeadStyle):
 
     def modules(self, config, backbone):
         return [SequentialHead(config.hidden_size, config.num_layers) for _ in range(config.num_heads)]
+
+    def draft_level(self, heads, plan, dp, draft_state, root, states, tokens):
+        """Head d on each expanding node: its parent's state (h at depth 1) and its own token."""
+        parents = dp["expanding"]
+        prev = None if states is None else states.index_select(0, dp["parent_slots"])
+        return heads.state(dp["depth"], root.expand(parents.shape[0], -1), prev, tokens.index_select(0, parents))

@@ -45,10 +45,7 @@ def eval_counts(heads: DraftHeads, examples: list[TokenizedExample], indices, st
     counts = torch.zeros(K, dtype=torch.float64)
     loss_sums = torch.zeros(K, dtype=torch.float64)
     loss_rows = torch.zeros(K, dtype=torch.float64)
-    draft_index = None
-    if heads.has_draft_head:  # where each target id sits among the draft vocabulary's columns, -1 outside
-        t2d = heads.heads[0].t2d
-        draft_index = torch.where(t2d, torch.cumsum(t2d.long(), 0) - 1, -1)
+    draft_index = heads.draft_index() if heads.has_draft_head else None  # its columns' ids, -1 outside
     indices = list(indices)
     for first in range(0, len(indices), batch_size):
         batch = collate(examples, indices[first: first + batch_size], store, device)

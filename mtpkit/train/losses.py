@@ -40,13 +40,7 @@ def _scores(heads: DraftHeads, k: int, states: torch.Tensor, vocab: TrainVocab |
     backbone = heads.backbone
     if k == 0:
         return backbone.logits(states) if vocab is None else backbone.logits(states, *_base_rows(backbone, vocab.ids))
-    if heads.has_draft_head:  # its own output layer over the draft vocabulary, the same for every depth
-        return F.linear(states, heads.heads[0].lm_head.weight if weight is None else weight)
-    layer, bias = heads.output_layer(k)
-    layer = layer if weight is None else weight
-    if vocab is not None:
-        layer, bias = layer[vocab.ids], None if bias is None else bias[vocab.ids]
-    return backbone.logits(states, layer, bias)
+    return heads.style.scores(heads, k, states, vocab, weight)
 
 
 def _base_rows(backbone: Backbone, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -71,10 +65,7 @@ class TrainedModel(nn.Module):
         if hidden is None:
             hidden = heads.features(heads.backbone.hidden(ids, attention_mask=attention_mask, **heads.feature_kwargs))
         states = heads.teacher_forced_states(hidden, conditioning(heads, ids))
-        if heads.has_draft_head:  # eagle3's lm_head, over the draft vocabulary
-            output_layers = [heads.heads[0].lm_head.weight.view_as(heads.heads[0].lm_head.weight)]
-        else:
-            output_layers = [w.view_as(w) for w in heads.lm_heads] if heads.config.own_lm_head else []
+        output_layers = heads.style.output_layers(heads)
         return hidden, states, output_layers
 
 
@@ -125,10 +116,6 @@ def backward_heads(model: nn.Module, batch: Batch, weights: list[float], loss_ty
     outputs = ([(0, hidden, 1.0)] if lora else []) + [
         (k, state, weights[k - 1] * (LORA_HEAD_SCALE if lora else 1.0)) for k, state in enumerate(states, start=1)]
     layer_leaves = [w.detach().requires_grad_() for w in output_layers]
-    if heads.has_draft_head:
-        vocab = None  # eagle3 scores its draft vocabulary; a target outside it has no row in the loss
-        t2d = heads.heads[0].t2d
-        draft_index = torch.where(t2d, torch.cumsum(t2d.long(), 0) - 1, -1)
     teacher_hidden = hidden.detach().reshape(-1, hidden.shape[-1])
     teacher = _Teacher(heads, teacher_hidden, vocab, accelerator) if loss_type == "distill" else None
     leaves, losses = [], []
@@ -136,18 +123,16 @@ def backward_heads(model: nn.Module, batch: Batch, weights: list[float], loss_ty
         leaf = state.detach().requires_grad_()
         leaves.append(leaf)
         labels_all, valid = targets.head_targets(batch.ids, k, batch.loss_mask)
-        if heads.has_draft_head and k > 0:
-            valid = valid & (draft_index[labels_all] >= 0)
+        if k > 0:  # as columns of the head's scores (the style's own vocabulary, the training one or all)
+            labels_all, valid = heads.style.loss_targets(heads, labels_all, valid, vocab)
+        elif vocab is not None:
+            labels_all = vocab.position[labels_all]
         rows, teacher_rows = head_rows(valid, k)
         if rows.numel() == 0 or weight == 0:
             losses.append(None if rows.numel() == 0 else 0.0)
             continue
         flat_state, labels = leaf.reshape(-1, leaf.shape[-1]), labels_all.reshape(-1)
-        if vocab is not None:
-            labels = vocab.position[labels]
-        if heads.has_draft_head and k > 0:
-            labels = draft_index[labels]
-        own_layer = (layer_leaves[0] if heads.has_draft_head else layer_leaves[k - 1]) if k > 0 and layer_leaves else None
+        own_layer = layer_leaves[heads.style.output_layer_of(k)] if k > 0 and layer_leaves else None
         share = rows.numel() if total_rows is None else total_rows[position] / accelerator.num_processes
         total = 0.0
         for start in range(0, rows.numel(), CHUNK_ROWS):
