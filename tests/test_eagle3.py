@@ -261,7 +261,7 @@ def test_training_chooses_the_draft_vocabulary_lowers_the_loss_and_moves_only_th
     from mtpkit import train
     from mtpkit.attach import attach
     from mtpkit.checkpoint import open_heads
-    from mtpkit.train.batches import draft_vocab
+    from mtpkit.train.batches import draft_vocab, target_rows
     from tests.conftest import CORPUS
 
     data = tmp_path / "text.jsonl"
@@ -276,6 +276,10 @@ def test_training_chooses_the_draft_vocabulary_lowers_the_loss_and_moves_only_th
     assert run.data.train_store.hidden_size == 3 * 64  # three layers' hidden states per token
     chosen = draft_vocab(run.data.train_examples, 40)
     assert run.heads.draft_vocab.tolist() == chosen.tolist()  # the 40 most frequent training targets
+    # the loss counts only targets inside the draft vocabulary, in its normalisation too
+    everything = list(range(len(run.data.train_examples)))
+    counted = target_rows(run.data.train_examples, everything, 3, False, run.heads)
+    assert all(0 < c < n for c, n in zip(counted, target_rows(run.data.train_examples, everything, 3, False)))
     base_before = {k: v.clone() for k, v in run.heads.backbone.model.state_dict().items()}
     heads_before = {k: v.clone() for k, v in run.heads.state_dict().items()}
     before = train.evaluate(run.heads, run.data.eval_examples, run.data.eval_store, 4, torch.device("cpu"))

@@ -111,10 +111,18 @@ def shard(n: int, batch_size: int, processes: int, rank: int, seed: int) -> list
                   if (position % columns) // batch_size == rank)
 
 
-def target_rows(examples: list[TokenizedExample], indices: list[int], num_heads: int, lora: bool) -> list[int]:
-    """How many target rows each output (the base's own with LoRA, then head 1..K) has in these sequences."""
+def target_rows(examples: list[TokenizedExample], indices: list[int], num_heads: int, lora: bool,
+                heads=None) -> list[int]:
+    """How many target rows each output (the base's own with LoRA, then head 1..K) has in these sequences: with
+    ``heads``, those their style's loss counts (eagle3: targets inside its draft vocabulary)."""
     if not indices:
         return [0] * (num_heads + lora)
     batch = collate(examples, indices, None, torch.device("cpu"))
-    return [int(targets.head_targets(batch.ids, k, batch.loss_mask)[1].sum())
-            for k in range(0 if lora else 1, num_heads + 1)]
+    counts = []
+    for k in range(0 if lora else 1, num_heads + 1):
+        labels, valid = targets.head_targets(batch.ids, k, batch.loss_mask)
+        if heads is not None and k > 0:
+            labels, valid = heads.style.loss_targets(heads, labels.to(heads.backbone.device),
+                                                     valid.to(heads.backbone.device), None)
+        counts.append(int(valid.sum()))
+    return counts

@@ -409,7 +409,7 @@ def train(run: Run, callbacks: Callbacks | None = None) -> None:
             for index in micro:
                 indices = _micro_batch(run, epoch, index)
                 everywhere = _global_micro_batch(run, epoch, index)
-                everyone = target_rows(run.data.train_examples, everywhere, num_heads, options.lora)
+                everyone = target_rows(run.data.train_examples, everywhere, num_heads, options.lora, run.heads)
                 tokens += train_tokens([run.data.train_examples[i] for i in everywhere])
                 batch = collate(run.data.train_examples, indices, run.data.train_store, accelerator.device) if indices \
                     else _empty_batch(run)
@@ -417,7 +417,7 @@ def train(run: Run, callbacks: Callbacks | None = None) -> None:
                 with contextlib.nullcontext() if sync else accelerator.no_sync(run.model):
                     losses = backward_heads(run.model, batch, run.weights, options.loss, accelerator, 1.0 / len(micro),
                                             options.lora, run.data.vocab, options.feature_loss, total_rows=everyone)
-                mine = target_rows(run.data.train_examples, indices, num_heads, options.lora)
+                mine = target_rows(run.data.train_examples, indices, num_heads, options.lora, run.heads)
                 loss_sums.append([0.0 if x is None else x * n for x, n in zip(losses, mine)])
                 row_counts.append(everyone)
             losses = _step_losses(accelerator, loss_sums, row_counts)
