@@ -44,8 +44,9 @@ DRAFT_VOCAB_KEY = "draft_vocab"
 
 def heads_state_dict(heads: DraftHeads) -> dict[str, torch.Tensor]:
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in heads.state_dict().items()}
-    if heads.draft_vocab is not None:
-        state[DRAFT_VOCAB_KEY] = heads.draft_vocab.detach().cpu().long().contiguous()
+    if heads.draft_vocab is not None:  # eagle3: its d2t is the truth (a resumed run loads it, not draft_vocab)
+        vocab = heads.draft_columns() if heads.has_draft_head else heads.draft_vocab
+        state[DRAFT_VOCAB_KEY] = vocab.detach().cpu().long().contiguous()
     return state
 
 

@@ -309,3 +309,28 @@ def test_every_style_is_one_module_in_the_registry():
     assert style_of("eagle3").own_vocabulary and style_of("eagle3").attends and not style_of("medusa").sequential
     with pytest.raises(MtpkitError, match="unknown head style 'hydra'"):
         style_of("hydra")
+
+
+def test_a_resumed_run_keeps_the_draft_vocabulary_it_chose(tiny_model_dirs, tmp_path):
+    from mtpkit import train
+    from mtpkit.attach import attach
+    from mtpkit.checkpoint import open_heads
+    from tests.conftest import CORPUS
+
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": line}) + "\n" for line in CORPUS * 2))
+    heads_dir = tmp_path / "heads"
+    attach(str(tiny_model_dirs["llama"]), "eagle3", 2, 1, heads_dir, draft_vocab_size=40)
+    settings = dict(data=[str(data)], lr=1e-2, batch_size=8, eval_fraction=0.2, eval_every=0, save_every=2,
+                    max_steps=4, seed=0, loss="ce")
+
+    def stop_at_3(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(train.TrainingInterrupted):
+        train.finetune(heads_dir, train.FinetuneOptions(**settings), callbacks=train.Callbacks(after_step=stop_at_3))
+    train.finetune(heads_dir, train.FinetuneOptions(resume=True, **settings))
+    loaded = open_heads(heads_dir)
+    assert loaded.draft_vocab.tolist() != list(range(40))  # the chosen one, not attach's first ids
+    assert loaded.draft_vocab.tolist() == loaded.draft_columns().tolist()
