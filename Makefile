@@ -36,16 +36,17 @@ corpus: setup
 
 # Retrain the shipped default heads from the corpus above, in place (the corpus's hidden states, then one pass of
 # training; see the heads' README for the time it took). An interrupted run resumes from its checkpoint when run
-# again. `make heads HEADS_STYLE=eagle` trains the eagle heads of recipes/smollm2-135m-eagle.yaml instead.
+# again. `make heads HEADS_STYLE=eagle` (or eagle3) trains the heads of recipes/smollm2-135m-eagle.yaml (-eagle3) instead.
 HEADS_STYLE ?= sequential
 HEADS_NAME := smollm2-135m-$(HEADS_STYLE)
+ATTACH_FLAGS_eagle3 := --draft-vocab-size 16384  # the options a style needs beyond --style and --heads
 HEADS_DIR  := mtpkit/trained/$(HEADS_NAME)
 heads: setup
 	if [ -f $(HEADS_DIR)/checkpoint/state.pt ]; then \
 		$(BIN)/mtpkit finetune $(HEADS_DIR) --recipe recipes/$(HEADS_NAME).yaml --resume; \
 	else \
 		rm -rf $(HEADS_DIR) && \
-		$(BIN)/mtpkit attach --model smollm2-135m --style $(HEADS_STYLE) --heads 4 --out $(HEADS_DIR) && \
+		$(BIN)/mtpkit attach --model smollm2-135m --style $(HEADS_STYLE) --heads 4 $(ATTACH_FLAGS_$(HEADS_STYLE)) --out $(HEADS_DIR) && \
 		$(BIN)/mtpkit finetune $(HEADS_DIR) --recipe recipes/$(HEADS_NAME).yaml; \
 	fi
 

@@ -51,6 +51,12 @@ class Backbone:
         return self.model.get_output_embeddings().weight.shape[0]
 
     @property
+    def num_layers(self) -> int:
+        """Decoder layers of the base (``num_hidden_layers`` of its text config)."""
+        cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        return int(cfg.num_hidden_layers)
+
+    @property
     def architecture(self) -> str:
         return type(self.model).__name__
 

@@ -139,7 +139,7 @@ def measure_head_accuracy(heads: DraftHeads, prompts: int = CALIBRATION_PROMPTS,
         prompt = encode_prompt(backbone.tokenizer, record["prompt"], chat=True)
         generated = greedy_generate(backbone, prompt, new_tokens).tokens
         ids = torch.cat([prompt, torch.tensor([generated])], dim=1).to(backbone.device)
-        hidden = backbone.hidden(ids).last_hidden_state
+        hidden = heads.features(backbone.hidden(ids, **heads.feature_kwargs))
         conditioning = [conditioning_tokens(ids, k) for k in range(1, heads.num_heads + 1)]
         states = heads.teacher_forced_states(hidden, conditioning)
         # score only positions whose target the base generated (not prompt tokens)
@@ -184,7 +184,7 @@ def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> list[float]:
     from mtpkit.decoding import HeadsDrafter
 
     backbone = heads.backbone
-    hidden = torch.zeros(DRAFT_CONTEXT, backbone.hidden_size, device=backbone.device, dtype=backbone.dtype)
+    hidden = torch.zeros(DRAFT_CONTEXT, heads.feature_size, device=backbone.device, dtype=backbone.dtype)
     drafters = [HeadsDrafter(heads, chain_choices(depth)) for depth in range(1, heads.num_heads + 1)]
     for drafter in drafters:
         drafter.start([0])

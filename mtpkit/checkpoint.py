@@ -17,7 +17,7 @@ from mtpkit.backbone import Backbone, load_backbone, wrap_model
 from mtpkit.config import CONFIG_NAME, LORA_DIR, WEIGHTS_NAME, HeadsConfig
 from mtpkit.errors import MtpkitError
 from mtpkit.files import atomic_write, atomic_write_text
-from mtpkit.heads import DraftHeads, build_heads
+from mtpkit.heads import DraftHeads, build_heads, draft_vocab_from_d2t
 
 
 def prepare_out_dir(out: Path, force: bool) -> Path:
@@ -36,13 +36,15 @@ def prepare_out_dir(out: Path, force: bool) -> Path:
     return out
 
 
-DRAFT_VOCAB_KEY = "draft_vocab"  # int64 token ids the heads draft from; absent: the full vocabulary
+# int64 token ids the heads draft from; absent: the full vocabulary (eagle3 also keeps d2t / t2d, EAGLE-3's view)
+DRAFT_VOCAB_KEY = "draft_vocab"
 
 
 def heads_state_dict(heads: DraftHeads) -> dict[str, torch.Tensor]:
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in heads.state_dict().items()}
-    if heads.draft_vocab is not None:
-        state[DRAFT_VOCAB_KEY] = heads.draft_vocab.detach().cpu().long().contiguous()
+    if heads.draft_vocab is not None:  # eagle3: its d2t is the truth (a resumed run loads it, not draft_vocab)
+        vocab = heads.draft_columns() if heads.has_draft_head else heads.draft_vocab
+        state[DRAFT_VOCAB_KEY] = vocab.detach().cpu().long().contiguous()
     return state
 
 
@@ -117,5 +119,7 @@ def _load_weights(heads_dir: Path, heads: DraftHeads) -> DraftHeads:
     if missing or unexpected:
         raise MtpkitError(f"{path} does not match {CONFIG_NAME}: missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")
+    if draft_vocab is None and heads.has_draft_head:  # EAGLE-3's own format keeps only d2t / t2d
+        draft_vocab = draft_vocab_from_d2t(heads.heads[0].d2t, heads.heads[0].t2d)
     heads.set_draft_vocab(draft_vocab)
     return heads

@@ -19,7 +19,7 @@ METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 CORPUS_NAME = "corpus.parquet"  # the base's own responses, drafted from by the suffix drafter
 
-STYLES = ("medusa", "sequential", "eagle")
+STYLES = ("medusa", "sequential", "eagle", "eagle3")  # each one module of mtpkit.heads, by ``registry``
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -40,6 +40,8 @@ class HeadsConfig:
     trust_remote_code: bool = False  # the base needs its own code from the hub; every command honours it
     corpus: str = ""  # a corpus of the base's responses (relative: to the heads dir), if none is inside it
     mtpkit_version: str = __version__
+    draft_vocab_size: int = 0  # eagle3: rows of its own output layer (0: the base's whole vocabulary)
+    eagle_aux_hidden_state_layer_ids: list[int] = field(default_factory=list)  # eagle3: the base layers it reads
     training: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
 
@@ -50,6 +52,21 @@ class HeadsConfig:
             raise MtpkitError(f"--heads must be at least 1 (got {self.num_heads})")
         if self.num_layers < 1:
             raise MtpkitError(f"--layers must be at least 1 (got {self.num_layers})")
+        if self.draft_vocab_size < 0:
+            raise MtpkitError(f"--draft-vocab-size must be at least 1, or 0 for the whole vocabulary "
+                              f"(got {self.draft_vocab_size})")
+
+    def check_base(self, vocab_size: int, num_layers: int) -> None:
+        """The eagle3 options against the base: a draft vocabulary within its vocabulary, three layers it has."""
+        if self.draft_vocab_size > vocab_size:
+            raise MtpkitError(f"--draft-vocab-size {self.draft_vocab_size} is larger than the base's vocabulary "
+                              f"of {vocab_size}")
+        ids = self.eagle_aux_hidden_state_layer_ids
+        if len(ids) != 3:
+            raise MtpkitError(f"eagle3 reads three of the base's layers (low, middle, high); got {len(ids)}: {ids}")
+        outside = [i for i in ids if not 0 <= i < num_layers]
+        if outside:
+            raise MtpkitError(f"--aux-layer {outside[0]} is outside the base's layers 0..{num_layers - 1}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

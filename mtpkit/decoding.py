@@ -38,7 +38,6 @@ import torch
 
 from mtpkit.backbone import Backbone
 from mtpkit.chat import prompt_token_ids
-from mtpkit.draft_layer import append_keys
 from mtpkit.drafting.base import Candidates, Drafter, ObservesVerification
 from mtpkit.drafting.calibrator import ConfidenceCalibrator
 from mtpkit.drafting.merge import best_path, cut_depth, merge_candidates, select_tree
@@ -533,33 +532,26 @@ class HeadsDrafter:
         self.heads = heads
         self.tree = verifiable_tree(tree, heads)
         self.plan = _Plan(self.tree, heads.backbone.device, heads.is_sequential, attention_windows(heads.backbone))
-        self._draft_cache = None
-        self._hidden: torch.Tensor | None = None
-        self._root_state: torch.Tensor | None = None
+        self._draft_cache = None  # the style's per-prompt drafting state (eagle: its draft KV cache)
+        self._root: torch.Tensor | None = None
 
     @property
     def reads_every_position(self) -> bool:
         """Eagle heads attend over the draft cache: they need the hidden state of every committed position."""
-        return self._draft_cache is not None
+        return self.heads.style.attends
 
     def start(self, prompt_ids: Sequence[int]) -> None:
-        self._draft_cache = self.heads.new_draft_cache()
-        self._hidden = self._root_state = None
+        self._draft_cache = self.heads.style.start(self.heads)
+        self._root = None
 
     def condition(self, hidden: torch.Tensor, next_tokens: list[int]) -> None:
         """The base's hidden states of the positions committed last, and the token after each (the last: the root)."""
-        if self._draft_cache is not None:
-            self._root_state = self.heads.commit(self._draft_cache, hidden,
-                                                 torch.tensor(next_tokens, device=hidden.device))
-        else:
-            self._hidden = hidden[-1:]
+        self._root = self.heads.style.condition(self.heads, self._draft_cache, hidden, next_tokens)
 
     def draft(self, plan: _Plan, tokens: torch.Tensor, tracing: bool) -> list[float] | None:
         """Fill ``tokens[1:]`` (``tokens[0]`` is the root) with the heads' drafts along ``plan``; return their
         confidences when ``tracing``."""
-        if self._draft_cache is not None:
-            return draft_with_eagle(self.heads, plan, self._draft_cache, self._root_state, tokens, tracing)
-        return draft_with_heads(self.heads, plan, self._hidden, tokens, tracing)
+        return self.heads.style.draft(self.heads, plan, self._draft_cache, self._root, tokens, tracing)
 
     def propose(self, context_ids: Sequence[int], budget: int) -> Candidates:
         plan = self.plan
@@ -579,53 +571,6 @@ class HeadsDrafter:
 
     def reset(self) -> None:
         self.start(())  # the draft cache is per prompt; the heads learn nothing while decoding
-
-
-def draft_with_heads(heads: DraftHeads, plan: _Plan, hidden: torch.Tensor, tokens: torch.Tensor,
-                     tracing: bool) -> list[float] | None:
-    """Fill ``tokens[1:]`` with Medusa or sequential heads' drafts (depth by depth) from the root's hidden state."""
-    if not heads.is_sequential and not heads.config.own_lm_head and plan.max_depth:
-        # Medusa heads all read h and share the base's output layer: score them in one product
-        shared, columns = heads.draft_logits(1, torch.cat([heads.state(dp["depth"], hidden) for dp in plan.depth_plans]))
-    else:
-        shared = None
-    confidences = [] if tracing else None
-    states = None
-    for dp in plan.depth_plans:
-        d = dp["depth"]
-        if shared is not None:
-            logits = shared[d - 1:d]
-        else:
-            if heads.is_sequential:
-                parents = dp["expanding"]
-                prev = None if states is None else states.index_select(0, dp["parent_slots"])
-                states = heads.state(d, hidden.expand(parents.shape[0], -1), prev, tokens.index_select(0, parents))
-            else:
-                states = heads.state(d, hidden)
-            logits, columns = heads.draft_logits(d, states)
-        _place_drafts(dp, logits, columns, tokens, confidences)
-    return confidences
-
-
-def draft_with_eagle(heads: DraftHeads, plan: _Plan, draft_cache, root_state: torch.Tensor, tokens: torch.Tensor,
-                     tracing: bool) -> list[float] | None:
-    """Eagle drafting: the draft model runs once per depth over that depth's expanding nodes; each node
-    attends to the draft cache and to its own ancestors drafted before it (the tree's ancestor mask)."""
-    confidences = [] if tracing else None
-    anchor = draft_cache.length - 1  # the root's own position in the draft cache
-    states, drafted, drafted_ids = root_state, None, None
-    for dp in plan.depth_plans:
-        d = dp["depth"]
-        if d > 1:
-            parents = dp["expanding"]
-            visible = None if drafted_ids is None else \
-                plan.ancestor_mask.index_select(0, parents).index_select(1, drafted_ids)
-            states, own = heads.draft_step(draft_cache, states.index_select(0, dp["parent_slots"]),
-                                           tokens.index_select(0, parents), anchor + d - 1, drafted, visible)
-            drafted = append_keys(drafted, own)
-            drafted_ids = parents if drafted_ids is None else torch.cat([drafted_ids, parents])
-        _place_drafts(dp, *heads.draft_logits(d, states), tokens, confidences)
-    return confidences
 
 
 # --------------------------------------------------------------------------- the speculative decoder
@@ -736,8 +681,9 @@ class SpeculativeDecoder:
             drafter.start(prompt)
         heads_drafter = self.heads_drafter
         # the base's hidden states of the newly committed positions; the last one's next token is the root
-        hidden = backbone.hidden(ids, past_key_values=cache, use_cache=True).last_hidden_state[0]
-        root = self._next_token(backbone.logits(hidden[-1:])[0])
+        outputs = backbone.hidden(ids, past_key_values=cache, use_cache=True, **self.heads.feature_kwargs)
+        hidden = self.heads.features(outputs)[0]  # what the heads read (eagle3: three layers' states)
+        root = self._next_token(backbone.logits(outputs.last_hidden_state[0, -1:])[0])
         next_tokens = prompt[1:] + [root]  # the token after each row of ``hidden``
         forward_passes, accepted_lengths, draft_seconds = 1, [], 0.0
         prefix = ids.shape[1]
@@ -820,12 +766,13 @@ class SpeculativeDecoder:
 
     def _verify(self, plan: _Plan, tokens: torch.Tensor, cache, prefix: int, capacity: int):
         """One base forward over the tree, acceptance, and the accepted path's KV kept: (accepted nodes, new
-        tokens, rejected node or None, the tree's hidden states)."""
+        tokens, rejected node or None, the tree's features as the heads read them)."""
         positions = (plan.offsets + prefix).unsqueeze(0)
-        verified = self.backbone.hidden(tokens.unsqueeze(0), past_key_values=cache, position_ids=positions,
-                                        attention_mask=plan.mask(prefix, capacity, self.backbone.dtype),
-                                        use_cache=True).last_hidden_state[0]
-        logits = self.backbone.logits(verified)
+        outputs = self.backbone.hidden(tokens.unsqueeze(0), past_key_values=cache, position_ids=positions,
+                                       attention_mask=plan.mask(prefix, capacity, self.backbone.dtype),
+                                       use_cache=True, **self.heads.feature_kwargs)
+        logits = self.backbone.logits(outputs.last_hidden_state[0])
+        verified = self.heads.features(outputs)[0]
         if self.sampling and not self.typical:
             nodes, new_tokens, rejected = self._accept_sampling(plan, tokens, logits)
         else:
@@ -920,18 +867,6 @@ class SpeculativeDecoder:
         if not self.sampling:
             return logits.argmax(-1).item()
         return self._sample(self._target_probs(logits))
-
-
-def _place_drafts(dp: dict, logits: torch.Tensor, columns: torch.Tensor | None, tokens: torch.Tensor,
-                  confidences: list[float] | None) -> None:
-    """Write one depth's drafts (each expanding node's top-k, in node order) into ``tokens``; when tracing,
-    append the drafting head's probability of each to ``confidences``."""
-    top = torch.topk(logits, dp["top_k"], dim=-1)
-    picked = top.indices.reshape(-1).index_select(0, dp["flat"])
-    tokens[dp["start"]:dp["stop"]] = picked if columns is None else columns.index_select(0, picked)
-    if confidences is not None:
-        probs = (top.values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
-        confidences.extend(probs.reshape(-1).index_select(0, dp["flat"]).tolist())
 
 
 def _source_names(drafters) -> list[str]:

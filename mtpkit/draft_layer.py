@@ -1,4 +1,5 @@
-"""The ``eagle`` head style's draft model: small decoder layers that attend over the sequence.
+"""The attention of the ``eagle`` and ``eagle3`` draft models (``mtpkit.heads.eagle``, ``mtpkit.heads.eagle3``):
+small decoder layers that attend over the sequence, on a draft KV cache.
 
 EAGLE's observation: a draft that sees the base's features of the whole context (not only the last one)
 predicts far better than a per-position MLP. The draft model here is ``num_layers`` pre-norm decoder layers
@@ -89,11 +90,20 @@ class DraftAttention(nn.Module):
         self.out = nn.Linear(hidden_size, hidden_size, bias=False)
         nn.init.zeros_(self.out.weight)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, h, T, d] of ``x`` [B, T, input size]."""
+        batch, length, _ = x.shape
+        return self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def output(self, mixed: torch.Tensor) -> torch.Tensor:
+        return self.out(mixed)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: list[Segment],
                 own_mask) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Attend from ``x`` [B, T, H] to the ``past`` segments and to its own keys; return (output, own keys/values)."""
+        """Attend from ``x`` [B, T, input size] to the ``past`` segments and to its own keys; return (output
+        [B, T, H], own keys/values)."""
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.project(x)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         q = q * self.head_dim ** -0.5
         scores, values, diagonal = [], [], []
@@ -116,7 +126,7 @@ class DraftAttention(nn.Module):
             start += score.shape[-1]
             mixed = mixed + (part * vals if is_diagonal else part @ vals)
         mixed = mixed.transpose(1, 2).reshape(batch, length, -1)
-        return self.out(mixed), (k, v)
+        return self.output(mixed), (k, v)
 
 
 class DraftDecoderLayer(nn.Module):
@@ -165,46 +175,3 @@ def append_keys(drafted: list[tuple[torch.Tensor, torch.Tensor]] | None,
     if drafted is None:
         return own
     return [(torch.cat([k0, k1], dim=2), torch.cat([v0, v1], dim=2)) for (k0, v0), (k1, v1) in zip(drafted, own)]
-
-
-class EagleHead(nn.Module):
-    """The draft model of the ``eagle`` style: fuse (previous state, next token), then decoder layers.
-
-    Step 1 at position t reads the base's feature h_t and the token t + 1 and predicts the feature at
-    t + 1 (scored by the base's output layer, it predicts token t + 2); step k reads step k-1's output and
-    token t + k. The same layers run every step, as in EAGLE.
-    """
-
-    def __init__(self, hidden_size: int, num_layers: int):
-        super().__init__()
-        self.token_norm = RMSNorm(hidden_size)
-        self.fuse = identity_fuse(hidden_size)
-        heads = attention_heads_for(hidden_size)
-        self.head_dim = hidden_size // heads
-        self.layers = nn.ModuleList(DraftDecoderLayer(hidden_size, heads) for _ in range(num_layers))
-
-    def forward(self, prev_state: torch.Tensor, token_embedding: torch.Tensor, positions: torch.Tensor,
-                past: list[list[Segment]], own_mask) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """States [B, T, H] at ``positions`` [T]; ``past[layer]`` are the key segments each layer attends to
-        besides the new positions' own keys (seen through ``own_mask``). Also returns each layer's own keys."""
-        x = self.fuse(torch.cat([prev_state, self.token_norm(token_embedding)], dim=-1))
-        cos, sin = rotary(positions, self.head_dim, x.dtype)
-        own = []
-        for layer, segments in zip(self.layers, past):
-            x, kv = layer(x, cos, sin, segments, own_mask)
-            own.append(kv)
-        return x, own
-
-    def teacher_forced(self, hidden: torch.Tensor, embeddings: list[torch.Tensor]) -> list[torch.Tensor]:
-        """K steps at every position at once (EAGLE-3's training-time test): step k at position t reads step
-        k-1's output and token t + k, and attends to step 1's keys at positions <= t and to its own earlier
-        steps' keys at t — exactly what it sees when drafting at decode time."""
-        length = hidden.shape[1]
-        positions = torch.arange(length, device=hidden.device)
-        first, own = self(hidden, embeddings[0], positions, [[] for _ in self.layers], "causal")
-        states, past = [first], [[(k, v, "causal")] for k, v in own]
-        for step in range(1, len(embeddings)):
-            state, own = self(states[-1], embeddings[step], positions + step, past, "diagonal")
-            states.append(state)
-            past = [segments + [(k, v, "diagonal")] for segments, (k, v) in zip(past, own)]
-        return states

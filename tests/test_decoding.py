@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mtpkit.config import HeadsConfig
-from mtpkit.decoding import (SpeculativeDecoder, _Plan, attention_windows, decoder_cache, draft_with_eagle,
+from mtpkit.decoding import (SpeculativeDecoder, _Plan, attention_windows, decoder_cache,
                              encode_prompt, greedy_generate, rejection_walk, supports_tree_attention,
                              tree_mask)
 from mtpkit.draft_layer import append_keys
@@ -126,7 +126,7 @@ def test_eagle_tree_drafts_equal_chain_drafts_along_each_path(tiny_backbone):
         root_state = heads.commit(cache, hidden, torch.tensor(ids[0, 1:].tolist() + [7]))
         tokens = plan.tokens.clone()
         tokens[0] = 7
-        draft_with_eagle(heads, plan, cache, root_state, tokens, False)
+        heads.style.draft(heads, plan, cache, root_state, tokens, False)
         parents, depths, ranks = tree.parents.tolist(), tree.depths.tolist(), tree.ranks.tolist()
         checked = 0
         for node in range(tree.num_nodes):

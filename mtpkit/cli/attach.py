@@ -16,9 +16,11 @@ from mtpkit.config import DEFAULT_MODEL
 def attach(
     out: Annotated[Path, typer.Option("--out", help="Heads directory to write.")],
     model: Annotated[str, typer.Option(help="Base model: alias (smollm2-135m), hub id, local dir, .gguf file or PEFT adapter dir.")] = DEFAULT_MODEL,
-    style: Annotated[str, typer.Option(help="Head style: medusa (independent heads), sequential (Hydra / DeepSeek MTP) or eagle (a draft decoder layer with its own attention, EAGLE).")] = "medusa",
+    style: Annotated[str, typer.Option(help="Head style: medusa (independent heads), sequential (Hydra / DeepSeek MTP), eagle (a draft decoder layer with its own attention, EAGLE) or eagle3 (EAGLE-3: three base layers fused, own output layer over a draft vocabulary).")] = "medusa",
     heads: Annotated[int, typer.Option("--heads", help="Number of draft heads K (eagle: draft depth).")] = 4,
     layers: Annotated[int, typer.Option(help="Residual blocks per head (eagle: draft decoder layers).")] = 1,
+    draft_vocab_size: Annotated[int, typer.Option("--draft-vocab-size", help="eagle3: tokens its output layer drafts from (finetune picks the most frequent; 0: the whole vocabulary).")] = 0,
+    aux_layer: Annotated[list[int] | None, typer.Option("--aux-layer", help="eagle3: a base layer whose input hidden state it reads; give three (default: EAGLE-3's low, middle, high).")] = None,
     own_lm_head: Annotated[bool, typer.Option("--own-lm-head", help="Give each head a trainable copy of the output layer instead of sharing the frozen one.")] = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")] = False,
@@ -29,7 +31,8 @@ def attach(
 
     with console.status("loading the base model"):
         result = attach_heads(model, style, heads, layers, out, force=force, own_lm_head=own_lm_head,
-                              dtype=dtype, trust_remote_code=trust_remote_code)
+                              dtype=dtype, trust_remote_code=trust_remote_code,
+                              draft_vocab_size=draft_vocab_size, aux_layers=aux_layer)
     config = result.heads.config
     table = Table(title=f"mtpkit attach: {config.style} x{config.num_heads}", show_header=False)
     table.add_row("base model", config.base_model)

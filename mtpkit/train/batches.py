@@ -71,6 +71,17 @@ def draft_vocab(examples: list[TokenizedExample], limit: int = DRAFT_VOCAB_LIMIT
     return torch.tensor(sorted(top), dtype=torch.long)
 
 
+def draft_vocab_of_size(examples: list[TokenizedExample], size: int) -> torch.Tensor:
+    """Exactly ``size`` token ids, sorted: the most frequent target tokens of the training data, then (if the
+    data has fewer distinct ones) the lowest ids not among them. eagle3's draft vocabulary."""
+    top = draft_vocab(examples, size)
+    if top.numel() < size:
+        taken = set(top.tolist())
+        rest = [t for t in range(size + top.numel()) if t not in taken][: size - top.numel()]
+        top = torch.tensor(sorted(top.tolist() + rest), dtype=torch.long)
+    return top
+
+
 def base_order(n: int, seed: int) -> list[int]:
     """The seeded shuffle of the training sequences that fixes their columns (and is epoch 0's order)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000)).tolist()
@@ -100,10 +111,18 @@ def shard(n: int, batch_size: int, processes: int, rank: int, seed: int) -> list
                   if (position % columns) // batch_size == rank)
 
 
-def target_rows(examples: list[TokenizedExample], indices: list[int], num_heads: int, lora: bool) -> list[int]:
-    """How many target rows each output (the base's own with LoRA, then head 1..K) has in these sequences."""
+def target_rows(examples: list[TokenizedExample], indices: list[int], num_heads: int, lora: bool,
+                heads=None) -> list[int]:
+    """How many target rows each output (the base's own with LoRA, then head 1..K) has in these sequences: with
+    ``heads``, those their style's loss counts (eagle3: targets inside its draft vocabulary)."""
     if not indices:
         return [0] * (num_heads + lora)
     batch = collate(examples, indices, None, torch.device("cpu"))
-    return [int(targets.head_targets(batch.ids, k, batch.loss_mask)[1].sum())
-            for k in range(0 if lora else 1, num_heads + 1)]
+    counts = []
+    for k in range(0 if lora else 1, num_heads + 1):
+        labels, valid = targets.head_targets(batch.ids, k, batch.loss_mask)
+        if heads is not None and k > 0:
+            labels, valid = heads.style.loss_targets(heads, labels.to(heads.backbone.device),
+                                                     valid.to(heads.backbone.device), None)
+        counts.append(int(valid.sum()))
+    return counts

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mtpkit.files import atomic_write
 from mtpkit.config import HeadsConfig
+from mtpkit.heads import style_of
 
 PLOT_NAME = "training.png"
 
@@ -50,10 +51,7 @@ def _curve_rows(curve: list[dict]) -> str:
 
 
 def _shape(config: HeadsConfig) -> str:
-    if config.style == "eagle":
-        return (f"eagle, one draft model of {config.num_layers} decoder layer(s) with its own attention, "
-                f"run {config.num_heads} times per step (one per draft depth)")
-    return f"{config.style}, {config.num_heads} heads x {config.num_layers} layer(s)"
+    return style_of(config.style).describe(config)
 
 
 def _curve_section(curve: list[dict], num_heads: int) -> str:

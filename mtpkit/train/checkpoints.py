@@ -67,6 +67,8 @@ def load_checkpoint(run: Run) -> None:
         raise MtpkitError(f"--resume: the checkpoint in {run.checkpoint_path.parent} was made with different "
                           f"settings ({', '.join(differ)}); rerun with the same options, or without --resume")
     run.heads.load_state_dict({k: v.to(run.accelerator.device) for k, v in state[HEADS_KEY].items()})
+    if run.heads.has_draft_head:  # its draft vocabulary came back in d2t / t2d
+        run.heads.set_draft_vocab(run.heads.draft_columns())
     run.optimizer.load_state_dict(state[OPTIMIZER_KEY])
     run.scheduler.load_state_dict(state[SCHEDULER_KEY])
     rng = state[RNG_KEY]

@@ -37,17 +37,20 @@ def evaluate(heads: DraftHeads, examples: list[TokenizedExample], store: HiddenS
 
 def eval_counts(heads: DraftHeads, examples: list[TokenizedExample], indices, store: HiddenStore | None,
                 batch_size: int, device: torch.device) -> torch.Tensor:
-    """Sums over the sequences ``indices``, one row per head: top-1..TOPK hits, then targets, then loss.
-    Sums, so that processes which each scored a share add up to the whole."""
+    """Sums over the sequences ``indices``, one row per head: top-1..TOPK hits, then targets, then loss, then the
+    targets the loss counts (eagle3: those in its draft vocabulary; a target outside it is a miss, never a loss
+    row, as in training). Sums, so that processes which each scored a share add up to the whole."""
     K = heads.num_heads
     hits = torch.zeros((K, TOPK), dtype=torch.float64)
     counts = torch.zeros(K, dtype=torch.float64)
     loss_sums = torch.zeros(K, dtype=torch.float64)
+    loss_rows = torch.zeros(K, dtype=torch.float64)
+    draft_index = heads.draft_index() if heads.has_draft_head else None  # its columns' ids, -1 outside
     indices = list(indices)
     for first in range(0, len(indices), batch_size):
         batch = collate(examples, indices[first: first + batch_size], store, device)
-        hidden = batch.hidden if batch.hidden is not None else heads.backbone.hidden(
-            batch.ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = batch.hidden if batch.hidden is not None else heads.features(heads.backbone.hidden(
+            batch.ids, attention_mask=batch.attention_mask, **heads.feature_kwargs))
         states = heads.teacher_forced_states(hidden, conditioning(heads, batch.ids))
         for k, state in enumerate(states, start=1):
             labels, valid = targets.head_targets(batch.ids, k, batch.loss_mask)
@@ -60,13 +63,21 @@ def eval_counts(heads: DraftHeads, examples: list[TokenizedExample], indices, st
                 found = (top == flat_labels[chunk, None]).cumsum(-1).clamp(max=1).sum(0).double()
                 hits[k - 1, : found.numel()] += found.cpu()
                 counts[k - 1] += chunk.numel()
-                loss_sums[k - 1] += F.cross_entropy(logits, flat_labels[chunk], reduction="sum").item()
-    return torch.cat([hits, counts[:, None], loss_sums[:, None]], dim=1)
+                if draft_index is None:
+                    loss_sums[k - 1] += F.cross_entropy(logits, flat_labels[chunk], reduction="sum").item()
+                    loss_rows[k - 1] += chunk.numel()
+                else:
+                    drafted = draft_index[flat_labels[chunk]]
+                    inside = drafted >= 0
+                    draft_logits = heads.draft_logits(k, flat_state[chunk][inside])[0].float()
+                    loss_sums[k - 1] += F.cross_entropy(draft_logits, drafted[inside], reduction="sum").item()
+                    loss_rows[k - 1] += int(inside.sum())
+    return torch.cat([hits, counts[:, None], loss_sums[:, None], loss_rows[:, None]], dim=1)
 
 
 def eval_summary(sums: torch.Tensor, examples: int) -> dict[str, Any]:
     """The metrics recorded for an evaluation, from ``eval_counts`` (added over processes)."""
-    hits, counts, loss_sums = sums[:, :TOPK], sums[:, TOPK], sums[:, TOPK + 1]
+    hits, counts, loss_sums, loss_rows = sums[:, :TOPK], sums[:, TOPK], sums[:, TOPK + 1], sums[:, TOPK + 2]
     accuracy = hits / counts.clamp(min=1)[:, None]
     if hits.shape[1] and accuracy.shape[1] > 1:  # a vocab smaller than TOPK: top-i beyond it is top-V
         accuracy = torch.cummax(accuracy, dim=1).values
@@ -74,7 +85,7 @@ def eval_summary(sums: torch.Tensor, examples: int) -> dict[str, Any]:
     return {"head_top1": top1,
             "head_top5": [round(float(a), 5) for a in accuracy[:, min(4, TOPK - 1)]],
             "head_topk_accuracy": [[round(float(a), 5) for a in row] for row in accuracy],
-            "head_loss": [round(float(s / max(c, 1)), 5) for s, c in zip(loss_sums, counts)],
+            "head_loss": [round(float(s / max(c, 1)), 5) for s, c in zip(loss_sums, loss_rows)],
             "expected_chain_tokens": round(chain_tokens(top1), 4),
             "examples": examples,
             "tokens": int(counts[0].item()) if len(counts) else 0}

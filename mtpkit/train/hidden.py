@@ -1,5 +1,10 @@
 """The frozen base's final hidden states, computed once per run and reused every epoch: in memory, or
-memory-mapped on disk beyond a budget. Each process computes those of its own shard only."""
+memory-mapped on disk beyond a budget. Each process computes those of its own shard only.
+
+eagle3 heads read three layers' hidden states instead (``layer_ids``), side by side: three times the memory
+or disk of the final state, 3 x H x (2 bytes in bfloat16, 4 in float32) per token, e.g. 3 x 576 x 2 = 3.4 kB
+per token for SmolLM2-135M in bfloat16 (3.4 GB per million tokens), 24 kB for a 4096-wide base.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 from mtpkit.backbone import Backbone
 from mtpkit.data import TokenizedExample
 from mtpkit.files import cache_root
+from mtpkit.heads import features_of
 
 HIDDEN_BATCH_TOKENS = 4096  # tokens per backbone forward when caching hidden states
 
@@ -51,9 +57,11 @@ class HiddenStore:
 
 @torch.no_grad()
 def compute_hidden(backbone: Backbone, examples: list[TokenizedExample], budget_bytes: float,
-                   on_batch: Callable[[int, int], None] | None = None, indices: list[int] | None = None) -> HiddenStore:
-    """Run the frozen base once over the sequences ``indices`` (all: None), longest first, right-padded batches."""
-    hidden_size, dtype = backbone.hidden_size, backbone.dtype
+                   on_batch: Callable[[int, int], None] | None = None, indices: list[int] | None = None,
+                   layer_ids: list[int] | None = None) -> HiddenStore:
+    """Run the frozen base once over the sequences ``indices`` (all: None), longest first, right-padded batches;
+    keep its final hidden states, or the input hidden states of ``layer_ids`` side by side (eagle3's features)."""
+    hidden_size, dtype = backbone.hidden_size * (len(layer_ids) if layer_ids else 1), backbone.dtype
     element = torch.empty((), dtype=dtype).element_size()
     wanted = range(len(examples)) if indices is None else indices
     total = sum(len(examples[i].ids) for i in wanted) * hidden_size * element
@@ -76,7 +84,9 @@ def compute_hidden(backbone: Backbone, examples: list[TokenizedExample], budget_
         for row, i in enumerate(batch):
             ids[row, : len(examples[i].ids)] = torch.tensor(examples[i].ids)
             attention[row, : len(examples[i].ids)] = 1
-        hidden = backbone.hidden(ids.to(backbone.device), attention_mask=attention.to(backbone.device)).last_hidden_state
+        outputs = backbone.hidden(ids.to(backbone.device), attention_mask=attention.to(backbone.device),
+                                  output_hidden_states=bool(layer_ids))
+        hidden = features_of(outputs, layer_ids)
         for row, i in enumerate(batch):
             sequence = hidden[row, : len(examples[i].ids)].to("cpu", dtype)
             if in_memory:

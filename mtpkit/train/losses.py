@@ -101,11 +101,7 @@ def _scores(heads: DraftHeads, k: int, states: torch.Tensor, vocab: TrainVocab |
     backbone = heads.backbone
     if k == 0:
         return backbone.logits(states) if vocab is None else backbone.logits(states, *_base_rows(backbone, vocab.ids))
-    layer, bias = heads.output_layer(k)
-    layer = layer if weight is None else weight
-    if vocab is not None:
-        layer, bias = layer[vocab.ids], None if bias is None else bias[vocab.ids]
-    return backbone.logits(states, layer, bias)
+    return heads.style.scores(heads, k, states, vocab, weight)
 
 
 def _base_rows(backbone: Backbone, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -125,16 +121,17 @@ class TrainedModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor | None = None,
                 drafted: list[torch.Tensor | None] | None = None, vocab: TrainVocab | None = None):
-        """The base's hidden states, every head's states, and the heads' own output layers (if any).
-        ``drafted``: where sequential heads read the previous head's draft (``drafted_positions``)."""
+        """The base's features (its hidden states; eagle3: three layers'), every head's states, and the heads'
+        own output layers (if any). ``drafted``: where sequential heads read the previous head's draft
+        (``drafted_positions``)."""
         heads = self.heads
         if hidden is None:
-            hidden = heads.backbone.hidden(ids, attention_mask=attention_mask).last_hidden_state
+            hidden = heads.features(heads.backbone.hidden(ids, attention_mask=attention_mask, **heads.feature_kwargs))
         if drafted is None:
             states = heads.teacher_forced_states(hidden, conditioning(heads, ids))
         else:
             states = self_conditioned_states(heads, hidden, conditioning(heads, ids), drafted, vocab)
-        output_layers = [w.view_as(w) for w in heads.lm_heads] if heads.config.own_lm_head else []
+        output_layers = heads.style.output_layers(heads)
         return hidden, states, output_layers
 
 
@@ -196,14 +193,16 @@ def backward_heads(model: nn.Module, batch: Batch, weights: list[float], loss_ty
         leaf = state.detach().requires_grad_()
         leaves.append(leaf)
         labels_all, valid = targets.head_targets(batch.ids, k, batch.loss_mask)
+        if k > 0:  # as columns of the head's scores (the style's own vocabulary, the training one or all)
+            labels_all, valid = heads.style.loss_targets(heads, labels_all, valid, vocab)
+        elif vocab is not None:
+            labels_all = vocab.position[labels_all]
         rows, teacher_rows = head_rows(valid, k)
         if rows.numel() == 0 or weight == 0:
             losses.append(None if rows.numel() == 0 else 0.0)
             continue
         flat_state, labels = leaf.reshape(-1, leaf.shape[-1]), labels_all.reshape(-1)
-        if vocab is not None:
-            labels = vocab.position[labels]
-        own_layer = layer_leaves[k - 1] if k > 0 and layer_leaves else None
+        own_layer = layer_leaves[heads.style.output_layer_of(k)] if k > 0 and layer_leaves else None
         share = rows.numel() if total_rows is None else total_rows[position] / accelerator.num_processes
         total = 0.0
         for start in range(0, rows.numel(), CHUNK_ROWS):

@@ -36,7 +36,8 @@ from mtpkit.errors import MtpkitError
 from mtpkit.files import atomic_write_text, cache_root
 from mtpkit.heads import DraftHeads
 from mtpkit.quality import Degeneracy, degeneracy
-from mtpkit.train.batches import Batch, TrainVocab, collate, draft_vocab, epoch_order, shard, target_rows
+from mtpkit.train.batches import (Batch, TrainVocab, collate, draft_vocab, draft_vocab_of_size, epoch_order, shard,
+                                  target_rows)
 from mtpkit.train.card import PLOT_NAME, learning_curve, model_card, plot_history
 from mtpkit.train.checkpoints import CHECKPOINT_FILE, checkpoint_step, load_checkpoint, save_checkpoint
 from mtpkit.train.evaluation import eval_counts, eval_summary
@@ -206,7 +207,12 @@ def setup(heads_dir: Path, options: FinetuneOptions, backbone: Backbone | None =
     trust_remote_code = options.trust_remote_code or config.trust_remote_code
     heads = _setup_model(heads_dir, config, options, accelerator, backbone, trust_remote_code)
     timings["load_s"] = time.perf_counter() - started
-    data = _setup_data(heads.backbone, options, accelerator, callbacks, timings)
+    problem = heads.style.training_problem(options)
+    if problem:
+        raise MtpkitError(problem)
+    data = _setup_data(heads.backbone, options, accelerator, callbacks, timings, heads.feature_layers)
+    if heads.has_draft_head and not config.training and not options.resume:  # untrained: choose its draft vocabulary
+        heads.set_draft_vocab(draft_vocab_of_size(data.train_examples, config.draft_vocab_size), init_output=True)
     peft_model = _add_lora(heads.backbone, config, options.lora_rank) if options.lora else None
     model, optimizer, scheduler, total_steps, steps_per_epoch, micro = _setup_optimizer(
         heads, peft_model, options, accelerator, len(data.train_examples))
@@ -234,7 +240,7 @@ def _setup_model(heads_dir: Path, config: HeadsConfig, options: FinetuneOptions,
 
 
 def _setup_data(backbone: Backbone, options: FinetuneOptions, accelerator, callbacks: Callbacks,
-                timings: dict[str, float]) -> _Data:
+                timings: dict[str, float], feature_layers: list[int] | None = None) -> _Data:
     """Load and split the data (after the base: ``self:N`` sources are prompts the base writes itself),
     self-distil where needed (the main process first, the others read its cache), tokenize, and cache the
     hidden states of this process's shard when the base is frozen."""
@@ -275,8 +281,10 @@ def _setup_data(backbone: Backbone, options: FinetuneOptions, accelerator, callb
         tick = time.perf_counter()
         budget = options.hidden_cache_gb * (1 << 30)
         train_store = compute_hidden(backbone, train_examples, budget,
-                                     lambda d, t: callbacks.report("caching hidden states", d, t), train_shard)
-        eval_store = compute_hidden(backbone, eval_examples, budget, indices=eval_shard) if eval_shard else None
+                                     lambda d, t: callbacks.report("caching hidden states", d, t), train_shard,
+                                     layer_ids=feature_layers)
+        eval_store = compute_hidden(backbone, eval_examples, budget, indices=eval_shard,
+                                    layer_ids=feature_layers) if eval_shard else None
         timings["hidden_s"] = time.perf_counter() - tick
 
     vocab = None
@@ -416,7 +424,7 @@ def train(run: Run, callbacks: Callbacks | None = None) -> None:
             for index in micro:
                 indices = _micro_batch(run, epoch, index)
                 everywhere = _global_micro_batch(run, epoch, index)
-                everyone = target_rows(run.data.train_examples, everywhere, num_heads, options.lora)
+                everyone = target_rows(run.data.train_examples, everywhere, num_heads, options.lora, run.heads)
                 tokens += train_tokens([run.data.train_examples[i] for i in everywhere])
                 batch = collate(run.data.train_examples, indices, run.data.train_store, accelerator.device) if indices \
                     else _empty_batch(run)
@@ -426,7 +434,7 @@ def train(run: Run, callbacks: Callbacks | None = None) -> None:
                                             options.lora, run.data.vocab, options.feature_loss, total_rows=everyone,
                                             teacher_forcing=options.teacher_forcing,
                                             seed=draft_seed(options.seed, run.step, index, accelerator.process_index))
-                mine = target_rows(run.data.train_examples, indices, num_heads, options.lora)
+                mine = target_rows(run.data.train_examples, indices, num_heads, options.lora, run.heads)
                 loss_sums.append([0.0 if x is None else x * n for x, n in zip(losses, mine)])
                 row_counts.append(everyone)
             losses = _step_losses(accelerator, loss_sums, row_counts)
@@ -557,7 +565,8 @@ def save(run: Run, wall_seconds: float) -> list[Path]:
         config.training["eval"] = {k: run.final_eval[k] for k in
                                    ("head_top1", "head_top5", "head_topk_accuracy", "expected_chain_tokens", "examples")}
     config.training["learning_curve"] = learning_curve(run.history)
-    heads.set_draft_vocab(draft_vocab(run.data.train_examples))
+    if not heads.has_draft_head:  # eagle3's was chosen before training: its lm_head is trained over it
+        heads.set_draft_vocab(draft_vocab(run.data.train_examples))
     config.training["draft_vocab"] = int(heads.draft_vocab.numel())
     files = save_heads(heads, run.heads_dir)
     if run.peft_model is not None:
