@@ -17,7 +17,7 @@ from mtpkit.cli.common import console, friendly_errors
 # mtpkit.bench's DEFAULT_METHODS and METHODS, spelled out so that --help loads no torch (a test keeps them equal)
 DEFAULT_METHODS = "hf-greedy,greedy,hf-pld,pld,mtp-tree,mtp-hybrid"
 ALL_METHODS = "hf-greedy,greedy,greedy-stock,greedy-column,greedy-pair,hf-pld,pld,suffix,recycle,mtp-chain,mtp-tree,mtp-hybrid"
-METHODS_PER_TABLE = 5
+METHODS_PER_TABLE = 4  # with their intervals, four method columns and the labels fit 80 columns
 
 
 @friendly_errors
@@ -95,7 +95,7 @@ def summary_tables(report: dict) -> list[Table]:
                    f"over transformers' greedy. {NO_GAIN_NOTE}")
         table = Table(title="mtpkit bench" if not start else None, caption=caption if last else None,
                       caption_justify="left", box=box.SIMPLE_HEAD)
-        table.add_column("")
+        table.add_column("", no_wrap=True)
         chunk = rows[start:start + size]
         for method, _ in chunk:
             table.add_column(method, justify="right", no_wrap=True)
