@@ -71,6 +71,8 @@ def test_bench_writes_a_complete_report(bench_run):
     assert report["setup"]["device"] == "cpu" and report["setup"]["dtype"] == "float32"
     assert max(len(line) for line in result.stderr.splitlines()) <= 80  # stderr is no terminal here: 80 columns
     assert "vs greedy" in result.stderr and "vs hf-greedy" in result.stderr and "95%" in result.stderr
+    # no terminal here: progress comes as log lines, one per prompt and round
+    assert "bench round 1/2 a: 1/6" in result.stderr and "bench round 2/2 c: 6/6" in result.stderr
 
 
 def test_speed_up_splits_into_kernels_times_speculation(bench_run):

@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich import box
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mtpkit.cli.common import console, friendly_errors
+from mtpkit.cli.common import console, friendly_errors, progress_display
 
 # mtpkit.bench's DEFAULT_METHODS and METHODS, spelled out so that --help loads no torch (a test keeps them equal)
 DEFAULT_METHODS = "hf-greedy,greedy,hf-pld,pld,mtp-tree,mtp-hybrid"
@@ -54,7 +54,7 @@ def bench(
                              device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     check_output_paths({"--json": json_path, "--markdown": markdown, "--plot": plot})
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with progress_display(*columns, transient=True) as bar:
         task = bar.add_task("loading", total=None)
 
         def progress(label: str, done: int, total: int) -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mtpkit.cli.common import console, friendly_errors
+from mtpkit.cli.common import console, friendly_errors, progress_display
 from mtpkit.config import DEFAULT_MODEL
 from mtpkit.errors import MtpkitError
 
@@ -44,7 +44,7 @@ def corpus(
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
+    with progress_display(*columns) as bar:
         task = bar.add_task("prompts", total=None, info="")
 
         def on_start(todo: int, already: int, prompts: list[list[int]], size: int) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mtpkit.cli.common import console, fail, friendly_errors
+from mtpkit.cli.common import console, fail, friendly_errors, progress_display
 from mtpkit.errors import MtpkitError
 from mtpkit.train.options import RECIPE_KEYS, FinetuneOptions
 
@@ -61,9 +61,8 @@ class RichProgress:
     """A Rich progress bar per stage (self-distilling, caching hidden states, training) on stderr."""
 
     def __init__(self):
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=console, transient=False)
+        self.progress = progress_display(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
         self.tasks: dict[str, int] = {}
 
     def update(self, stage: str, done: int, total: int, info: dict) -> None:
