@@ -23,7 +23,8 @@ import torch
 
 from mtpkit.checkpoint import open_heads
 from mtpkit.decoding import GenerationResult, SpeculativeDecoder, check_sampling, encode_prompt
-from mtpkit.draft_sources import DRAFTS, build_decoder
+from mtpkit.draft_sources import build_decoder
+from mtpkit.drafting.registry import check_draft
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads
 
@@ -40,8 +41,7 @@ def load(heads_dir, *, device: str | None = None, dtype: str | None = None, draf
     linear layers to mtpkit's small-row kernels (float32 on a CPU; the same results up to summation order), so it is
     off by default: ``spec.model`` stays the model transformers loaded.
     """
-    if draft not in DRAFTS:
-        raise MtpkitError(f"unknown draft {draft!r}: choose from {', '.join(DRAFTS)}")
+    check_draft(draft)
     heads = open_heads(Path(heads_dir), model=model, dtype=dtype or "float32", device=device,
                        trust_remote_code=trust_remote_code)
     if fast_kernels:

@@ -36,6 +36,8 @@ import torch
 
 from mtpkit import __version__
 from mtpkit.backbone import resolve_placement
+from mtpkit.bench_methods import (BASELINE, CONTROL, DEFAULT_METHODS, HEADS_TREES, PLAIN_LAYOUTS, REQUIRED, all_methods,
+                                  drafted_methods)
 from mtpkit.checkpoint import open_heads
 from mtpkit.decoding import GenerationResult, SpeculativeDecoder, encode_prompt, greedy_generate
 from mtpkit.errors import MtpkitError
@@ -43,16 +45,6 @@ from mtpkit.heads import DraftHeads
 from mtpkit.kernels import KernelPlan, disable_fast_kernels, enable_fast_kernels, kernel_measurement, synchronize
 from mtpkit.prompts import load_builtin, load_mt_bench
 
-# plain greedy with every layer on one layout (no padded token): the candidates the control must be the fastest of
-PLAIN_LAYOUTS = {"greedy-stock": "stock", "greedy-column": "column", "greedy-pair": "pair"}
-METHODS = ("hf-greedy", "greedy", *PLAIN_LAYOUTS, "hf-pld", "pld", "suffix", "recycle", "mtp-chain", "mtp-tree",
-           "mtp-hybrid")
-DEFAULT_METHODS = ("hf-greedy", "greedy", "hf-pld", "pld", "mtp-tree", "mtp-hybrid")
-# mtpkit's drafters on mtpkit's loop: the method -> ``--draft`` sources (``mtpkit.draft_sources.DRAFTS``)
-DRAFTED = {"pld": "lookup", "suffix": "suffix", "mtp-hybrid": "hybrid", "recycle": "recycle"}
-BASELINE = "hf-greedy"  # transformers' own greedy decoding: what a user runs without mtpkit
-CONTROL = "greedy"  # mtpkit's plain decoding on the measured kernel plan: speculation_gain is measured against it
-REQUIRED = (BASELINE, CONTROL)  # every report carries both, so a speed-up always splits into kernels x speculation
 PROMPT_SETS = {"builtin": "the built-in development set (held-out prompts, 8 categories)",
                "mt-bench": "MT-Bench (first turns, 8 categories)"}
 BOOTSTRAP_RESAMPLES = 2000
@@ -89,9 +81,10 @@ class BenchSettings:
                                      ("--repeats", self.repeats, 1)):
             if value is not None and not value >= least:
                 raise MtpkitError(f"{option} must be at least {least} (got {value})")
-        unknown = [m for m in self.methods if m not in METHODS]
+        known = all_methods()
+        unknown = [m for m in self.methods if m not in known]
         if unknown:
-            raise MtpkitError(f"unknown bench method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+            raise MtpkitError(f"unknown bench method {unknown[0]!r}: choose from {', '.join(known)}")
         resolve_placement(self.device, self.dtype)
         missing = tuple(m for m in REQUIRED if m not in self.methods)
         self.methods = tuple(dict.fromkeys((*missing, *self.methods)))  # the controls first, no repeats
@@ -255,11 +248,10 @@ class Runner:
         self.measurement = kernel_measurement(self.backbone) if settings.fast_kernels else None
         self.decoders: dict[str, SpeculativeDecoder] = {}
         self.kernels("mtp-tree")  # the auto tree and the forward costs are measured on the kernels they run on
-        if "mtp-chain" in settings.methods:
-            self.decoders["mtp-chain"] = build_decoder(heads, heads_dir, "heads", tree="chain")
-        if "mtp-tree" in settings.methods:
-            self.decoders["mtp-tree"] = build_decoder(heads, heads_dir, "heads", tree=settings.tree)
-        for method, draft in DRAFTED.items():
+        for method, tree in HEADS_TREES.items():
+            if method in settings.methods:
+                self.decoders[method] = build_decoder(heads, heads_dir, "heads", tree=tree or settings.tree)
+        for method, draft in drafted_methods().items():
             if method in settings.methods:
                 self.decoders[method] = build_decoder(heads, heads_dir, draft, tree=settings.tree)
         tokenizer, model = self.backbone.tokenizer, self.backbone.model
@@ -309,7 +301,7 @@ class Runner:
         elif method in self.decoders:
             result = self.decoders[method].generate(input_ids, max_new_tokens)
         else:
-            raise MtpkitError(f"unknown bench method {method!r}: choose from {', '.join(METHODS)}")
+            raise MtpkitError(f"unknown bench method {method!r}: choose from {', '.join(all_methods())}")
         return _from_result(result)
 
 
@@ -416,7 +408,7 @@ def run_bench(heads_dir: Path, settings: BenchSettings, *, model: str | None = N
     runner.kernels(BASELINE)  # leave the model on stock kernels
     from mtpkit.draft_sources import corpus_path
 
-    corpus = corpus_path(heads_dir, heads.config) if any(m in DRAFTED for m in methods) else None
+    corpus = corpus_path(heads_dir, heads.config) if any(m in drafted_methods() for m in methods) else None
     return build_report(prompts, runs, peaks, settings, heads, threads, heads_dir, runner, corpus,
                         prompts[memory_prompt].id)
 

@@ -1,7 +1,7 @@
 """Which drafters a decoder runs, built from a heads directory: the heads, prompt lookup, a suffix index, token
 recycling (the base's own top-k successors of each token, kept from every verification).
 
-``--draft`` names a set of sources (``DRAFTS``). The suffix drafter reads the corpus of the base's own
+``--draft`` names a set of sources (``mtpkit.drafting.registry``). The suffix drafter reads the corpus of the base's own
 earlier responses that the heads directory carries (``corpus.parquet`` in it) or names (the config's
 ``corpus``, relative to the directory); without one it learns from this run's outputs alone. The corpus
 index is built once per process and shared; what a decoder learns from its own outputs goes into an index
@@ -25,16 +25,12 @@ from mtpkit.config import CORPUS_NAME, HeadsConfig
 from mtpkit.decoding import HeadsDrafter, PlainDecoder, SpeculativeDecoder, resolve_tree
 from mtpkit.drafting.base import Drafter
 from mtpkit.drafting.calibrator import ConfidenceCalibrator
-from mtpkit.drafting.lookup import PromptLookup
-from mtpkit.drafting.recycle import RecycleDrafter
+from mtpkit.drafting.registry import SOURCES, DraftContext, check_draft
 from mtpkit.drafting.suffix import SuffixDrafter, SuffixIndex
 from mtpkit.errors import MtpkitError
 from mtpkit.files import cache_root
 from mtpkit.tree import widen_choices
 
-DRAFTS = {"hybrid": ("heads", "lookup", "suffix", "recycle"), "heads": ("heads",), "lookup": ("lookup",),
-          "suffix": ("suffix",), "recycle": ("recycle",), "none": ()}  # none: plain decoding, the baseline
-SOURCES = ("heads", "lookup", "suffix", "recycle")  # what ``make_drafters`` builds
 # In a tree chosen per step the heads offer the top 4 children of every node their static tree expands: those
 # cost no drafting, and the chooser verifies them where they pay (measured: 1.91-1.93 accepted tokens per step
 # against 1.87 on 16 held-out prompts, 2 per category; 1.97 against 1.96 on all 96, at 1.54x vs 1.53x).
@@ -82,23 +78,31 @@ def _corpus_index(path: str, mtime_ns: int, size: int, with_prompts: bool) -> Su
 
 
 def make_drafters(sources, heads, heads_dir: Path | None, tree="auto") -> list[Drafter]:
-    """Fresh drafters for ``sources`` (names from ``DRAFTS``' values); ``tree`` is the heads' static tree, which
-    they draft widened to ``HEADS_SIBLINGS`` children per expanded node."""
+    """Fresh drafters for ``sources`` (names in ``mtpkit.drafting.registry.SOURCES``); ``tree`` is the heads' static
+    tree, which they draft widened to ``HEADS_SIBLINGS`` children per expanded node."""
+    context = DraftContext(heads, None if heads_dir is None else Path(heads_dir), tree)
     drafters: list[Drafter] = []
     for source in sources:
-        if source == "heads":
-            drafters.append(HeadsDrafter(heads, widen_choices(resolve_tree(tree, heads).choices, HEADS_SIBLINGS)))
-        elif source == "lookup":
-            drafters.append(PromptLookup())
-        elif source == "suffix":
-            path = None if heads_dir is None else corpus_path(heads_dir, heads.config)
-            if path is not None:  # the base's earlier outputs, shared and read-only
-                drafters.append(SuffixDrafter(index=corpus_index(path), learn=False))
-            drafters.append(SuffixDrafter(index=SuffixIndex(), learn=True))  # this decoder's own outputs
-        elif source == "recycle":  # a fresh table per prompt (``RecycleDrafter.start``)
-            drafters.append(RecycleDrafter(heads.backbone.vocab_size))
-        else:
+        if source not in SOURCES:
             raise MtpkitError(f"unknown draft source {source!r}: choose from {', '.join(SOURCES)}")
+        drafters.extend(SOURCES[source].build(context))
+    return drafters
+
+
+def heads_drafters(context: DraftContext) -> list[Drafter]:
+    """The ``heads`` source: the heads' static tree, every node it expands given its top ``HEADS_SIBLINGS``."""
+    heads = context.heads
+    return [HeadsDrafter(heads, widen_choices(resolve_tree(context.tree, heads).choices, HEADS_SIBLINGS))]
+
+
+def suffix_drafters(context: DraftContext) -> list[Drafter]:
+    """The ``suffix`` source: the heads directory's corpus of the base's earlier outputs (shared, read-only), and
+    an index of this decoder's own outputs."""
+    drafters: list[Drafter] = []
+    path = None if context.heads_dir is None else corpus_path(context.heads_dir, context.heads.config)
+    if path is not None:
+        drafters.append(SuffixDrafter(index=corpus_index(path), learn=False))
+    drafters.append(SuffixDrafter(index=SuffixIndex(), learn=True))
     return drafters
 
 
@@ -130,9 +134,7 @@ def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="au
     """The decoder for ``--draft``: plain decoding ("none"), the heads' static tree alone ("heads"), or a tree chosen per step from the
     named sources, under this machine's measured forward costs (calibrated once, cached). With ``remember`` (an
     ``acceptance_path``) its calibrator starts from the counts ``remember_calibrator`` kept there."""
-    if draft not in DRAFTS:
-        raise MtpkitError(f"unknown --draft {draft!r}: choose from {', '.join(DRAFTS)}")
-    sources = DRAFTS[draft]
+    sources = check_draft(draft)
     if not sources:
         return PlainDecoder(heads.backbone, **sampling)
     if tree == "auto" and "heads" in sources:

@@ -7,8 +7,10 @@ import statistics
 
 import pytest
 
-from mtpkit.bench import (DEFAULT_METHODS, METHODS, BenchSettings, bootstrap_interval, geometric_mean, load_bench_prompts,
-                          rotated, summarize)
+from mtpkit.bench import BenchSettings, bootstrap_interval, geometric_mean, load_bench_prompts, rotated, summarize
+from mtpkit.bench_methods import DEFAULT_METHODS, all_methods
+
+METHODS = all_methods()
 from mtpkit.errors import MtpkitError
 from mtpkit.prompts import CATEGORIES
 

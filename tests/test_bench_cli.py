@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mtpkit.cli.app import app
+from mtpkit.errors import MtpkitError
 from tests.conftest import assert_one_line_error
 
 runner = CliRunner()
@@ -146,12 +147,35 @@ def test_bench_refuses_bad_input(heads_dir, tmp_path):
     assert result.exit_code != 0 and "none.jsonl" in result.stderr
 
 
-def test_cli_method_lists_are_bench_lists():
-    from mtpkit.bench import DEFAULT_METHODS, METHODS as ALL
-    from mtpkit.cli.bench import ALL_METHODS, DEFAULT_METHODS as CLI_DEFAULTS
+def echo_drafters(context):
+    """A draft source made up for the registry test: prompt lookup under another name."""
+    from mtpkit.drafting.lookup import PromptLookup
 
-    assert CLI_DEFAULTS.split(",") == list(DEFAULT_METHODS) and ALL_METHODS.split(",") == list(ALL)
-    assert "mtp-hybrid" in DEFAULT_METHODS
+    return [PromptLookup(name="echo")]
+
+
+def test_a_new_source_is_one_registry_line(heads_dir, tmp_path, monkeypatch):
+    """Registering a source makes it a --draft choice (help and errors too) and a bench method, with no other edit."""
+    from mtpkit.bench import BenchSettings, run_bench
+    from mtpkit.bench_methods import all_methods, methods_help
+    from mtpkit.drafting import registry
+
+    assert "echo" not in registry.draft_sets() and "echo-pld" not in all_methods()
+    monkeypatch.setitem(registry.SOURCES, "echo", registry.DraftSource(
+        "echo", "prompt lookup again, to test the registry", "tests.test_bench_cli:echo_drafters", "echo-pld"))
+    assert registry.draft_sets()["echo"] == ("echo",) and "echo" in registry.draft_sets()["hybrid"]
+    assert "echo-pld" in all_methods() and "echo-pld: prompt lookup again" in methods_help()
+    with pytest.raises(MtpkitError, match="choose from .*echo"):
+        registry.check_draft("warp")
+    assert "echo (prompt lookup again" in registry.draft_help()  # the text --draft's help is made of
+    result = runner.invoke(app, ["generate", str(heads_dir), "--prompt", "def add(a, b):", "--max-new-tokens", "8",
+                                 "--draft", "echo"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "p.txt").write_text("def add(a, b):\n")
+    report = run_bench(heads_dir, BenchSettings(prompts=str(tmp_path / "p.txt"), max_new_tokens=8,
+                                                methods=("echo-pld",), threads=1, memory=False))
+    assert list(report["methods"]) == ["hf-greedy", "greedy", "echo-pld"]
+    assert report["methods"]["echo-pld"]["identical_rate"] == 1.0
 
 
 def test_drafter_methods_draft_from_the_heads_directory_corpus(heads_dir, tmp_path):

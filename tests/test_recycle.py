@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mtpkit.decoding import HeadsDrafter, SpeculativeDecoder
-from mtpkit.draft_sources import DRAFTS, make_drafters
+from mtpkit.draft_sources import make_drafters
+from mtpkit.drafting.registry import draft_sets
 from mtpkit.drafting.lookup import PromptLookup
 from mtpkit.drafting.recycle import EMPTY, RecycleDrafter
 from mtpkit.drafting.suffix import SuffixDrafter
@@ -157,8 +158,8 @@ def test_recycling_greedy_equals_plain_greedy(tiny_backbone, style):
     heads = random_heads(tiny_backbone, style)
     vocab = tiny_backbone.vocab_size
     mixes = {
-        "recycle": lambda: make_drafters(DRAFTS["recycle"], heads, None, HEADS_TREE),
-        "hybrid": lambda: make_drafters(DRAFTS["hybrid"], heads, None, HEADS_TREE),
+        "recycle": lambda: make_drafters(draft_sets()["recycle"], heads, None, HEADS_TREE),
+        "hybrid": lambda: make_drafters(draft_sets()["hybrid"], heads, None, HEADS_TREE),
         "oracle-recycle": lambda: [OracleRecycle(vocab, sequence)],
         "oracle-recycle-in-hybrid": lambda: [HeadsDrafter(heads, HEADS_TREE), PromptLookup(), SuffixDrafter(),
                                              OracleRecycle(vocab, sequence)],

@@ -12,11 +12,9 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mtpkit.bench_methods import DEFAULT_METHODS, methods_help
 from mtpkit.cli.common import console, friendly_errors, progress_display
 
-# mtpkit.bench's DEFAULT_METHODS and METHODS, spelled out so that --help loads no torch (a test keeps them equal)
-DEFAULT_METHODS = "hf-greedy,greedy,hf-pld,pld,mtp-tree,mtp-hybrid"
-ALL_METHODS = "hf-greedy,greedy,greedy-stock,greedy-column,greedy-pair,hf-pld,pld,suffix,recycle,mtp-chain,mtp-tree,mtp-hybrid"
 METHODS_PER_TABLE = 4  # with their intervals, four method columns and the labels fit 80 columns
 
 
@@ -26,7 +24,7 @@ def bench(
     prompts: Annotated[str, typer.Option(help="'builtin' (the 96 held-out built-in prompts: a development set, several design choices were tuned on them), 'mt-bench' (MT-Bench's 80 first turns) or a .jsonl/.jsonl.gz/.txt file.")] = "builtin",
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N prompts (categories interleaved).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 128,
-    methods: Annotated[str, typer.Option(help=f"Comma-separated methods among {ALL_METHODS} (greedy: mtpkit's plain decoding on the kernels measured fastest here, the control every gain is over; greedy-<layout>: every layer on one layout; pld: prompt lookup; suffix: the suffix index of the base's earlier outputs; recycle: token recycling, the base's own top-k successors of each token kept from every verification; mtp-hybrid: heads, pld, suffix and recycle in one tree per step; all on mtpkit's loop); hf-greedy and greedy always run.")] = DEFAULT_METHODS,
+    methods: Annotated[str, typer.Option(help=methods_help())] = ",".join(DEFAULT_METHODS),
     repeats: Annotated[int, typer.Option(help="Rounds over the prompts: each (prompt, method) is timed this often, the method order rotating per prompt and round; its median time counts.")] = 1,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="After the timed rounds, measure each method's peak memory above the model on the longest prompt.")] = True,
     tree: Annotated[str, typer.Option(help="The heads' tree for mtp-tree and mtp-hybrid: auto, chain or a JSON file of choices.")] = "auto",

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from mtpkit.cli.common import console, friendly_errors
+from mtpkit.drafting.registry import check_draft, draft_help
 from mtpkit.errors import MtpkitError
 
 
@@ -71,7 +72,7 @@ def generate(
     prompts_file: Annotated[Optional[Path], typer.Option(help="A .txt file (one prompt per line) or .jsonl file (\"prompt\", \"turns\" or \"text\").")] = None,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="Wrap each prompt in the tokenizer's chat template (when it has one).")] = True,
     max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per prompt.")] = 128,
-    draft: Annotated[str, typer.Option(help="Who drafts: hybrid (heads, prompt lookup, the suffix index of the base's earlier outputs and token recycling, in one tree chosen each step), heads (the heads' --tree alone), lookup, suffix, recycle (token recycling: the base's own top-k successors of each token, kept from every verification; a fresh table per prompt), or none (plain decoding on mtpkit's kernels: the fastest plain decoding on this machine).")] = "hybrid",
+    draft: Annotated[str, typer.Option(help=draft_help())] = "hybrid",
     tree: Annotated[str, typer.Option(help="The heads' tree: chain (top-1 of each head), auto (calibrated for this machine and these heads) or a JSON file of paths like [[0], [1], [0, 0]].")] = "auto",
     temperature: Annotated[float, typer.Option(help="0 decodes greedily (exactly the base's greedy output); > 0 samples, losslessly.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this much probability.")] = 1.0,
@@ -91,7 +92,7 @@ def generate(
     from mtpkit.checkpoint import open_heads
     from mtpkit.config import HeadsConfig
     from mtpkit.decoding import TextStream, check_sampling, encode_prompt
-    from mtpkit.draft_sources import DRAFTS, acceptance_path, build_decoder, remember_calibrator
+    from mtpkit.draft_sources import acceptance_path, build_decoder, remember_calibrator
     from mtpkit.kernels import use_measured_kernels
     from mtpkit.tree import load_tree_file
 
@@ -103,8 +104,7 @@ def generate(
     if max_new_tokens < 1:
         raise MtpkitError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     HeadsConfig.read(heads_dir)
-    if draft not in DRAFTS:
-        raise MtpkitError(f"unknown --draft {draft!r}: choose from {', '.join(DRAFTS)}")
+    check_draft(draft)
     tree_spec = tree if tree in ("chain", "auto") else load_tree_file(Path(tree))
     trace_file = _open_trace(trace)
 

@@ -81,3 +81,8 @@ class PromptLookup:
             if earlier:
                 return earlier[::-1]
         return []
+
+
+def build(context) -> list[PromptLookup]:
+    """The ``lookup`` source (``mtpkit.drafting.registry``): a fresh prompt-lookup drafter."""
+    return [PromptLookup()]

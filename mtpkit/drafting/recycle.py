@@ -107,3 +107,8 @@ class RecycleDrafter:
 
         # a node's handle is its own token: its children are that token's row, whatever the path to it
         return best_first(int(context_ids[-1]), children, self.max_depth, budget, self.name, normalise=False)
+
+
+def build(context) -> list[RecycleDrafter]:
+    """The ``recycle`` source (``mtpkit.drafting.registry``): a table over the base's vocabulary, fresh per prompt."""
+    return [RecycleDrafter(context.heads.backbone.vocab_size)]
