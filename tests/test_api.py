@@ -213,7 +213,7 @@ def test_sampling_stays_within_the_base_distribution(request, which, monkeypatch
     assert _total_variation(spec, ids, exact, 150) > 0.2
     monkeypatch.setattr(api, "_sampling_settings", settings)
     if which == "chain_spec":  # ... and so does a sampler that accepts every draft it is shown
-        import mtpkit.decoding as decoding
+        import mtpkit.decoding.acceptance as decoding
 
         monkeypatch.setattr(decoding, "rejection_walk", lambda children, probs, uniform: ([0, 1], []))
         assert _total_variation(spec, ids, exact, 150) > 0.2

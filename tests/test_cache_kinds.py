@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-import mtpkit.decoding as decoding
+import mtpkit.decoding.masks as masks
 from mtpkit.backbone import wrap_model
-from mtpkit.decoding import (SpeculativeDecoder, _Plan, attention_windows, decoder_cache, greedy_generate,
+from mtpkit.decoding import (SpeculativeDecoder, TreePlan, attention_windows, decoder_cache, greedy_generate,
                              rollback_problem, supports_tree_attention, tree_attention_problem, tree_mask, verify_mask)
 from mtpkit.errors import MtpkitError
 from mtpkit.tree import build_tree
@@ -154,14 +154,14 @@ def test_sliding_tree_mask_values():
 def test_plan_mask_views_equal_masks_built_for_the_prefix():
     windows = {"full_attention": None, "sliding_attention": 5}
     tree = build_tree(TREE)
-    plan = _Plan(tree, torch.device("cpu"), sequential=False, windows=windows)
+    plan = TreePlan(tree, torch.device("cpu"), sequential=False, windows=windows)
     for prefix in (0, 3, 9, 30):
         views = plan.mask(prefix, capacity=40, dtype=torch.float32)
         built = verify_mask(windows, tree.ancestor_mask, tree.position_offsets, prefix, torch.float32)
         assert views.keys() == built.keys() == set(windows)
         for kind in windows:
             assert torch.equal(views[kind], built[kind]), (kind, prefix)
-    single = _Plan(tree, torch.device("cpu"), sequential=False, windows={"sliding_attention": 5})
+    single = TreePlan(tree, torch.device("cpu"), sequential=False, windows={"sliding_attention": 5})
     assert isinstance(single.mask(9, capacity=40, dtype=torch.float32), torch.Tensor)  # all layers alike: a tensor
 
 
@@ -219,10 +219,10 @@ def test_tree_probe_holds_in_half_precision(tiny_tokenizer, dtype):
 
 def test_tree_probe_catches_a_wrong_mask_in_bf16(tiny_tokenizer, monkeypatch):
     """The half-precision tolerance still tells a wrong mask: siblings visible, or the sliding window dropped."""
-    right = decoding.tree_mask
+    right = masks.tree_mask
     for name, wrong in [("siblings", lambda a, p, d, **kw: right(torch.tril(torch.ones_like(a)), p, d, **kw)),
                         ("no window", lambda a, p, d, **kw: right(a, p, d))]:
-        monkeypatch.setattr(decoding, "tree_mask", wrong)
+        monkeypatch.setattr(masks, "tree_mask", wrong)
         model = make_sliding_model("gemma3", len(tiny_tokenizer)).to(torch.bfloat16)
         backbone = wrap_model(model, tiny_tokenizer, "tiny-gemma3", check=False)
         assert "differ from plain forwards" in (tree_attention_problem(backbone) or ""), name

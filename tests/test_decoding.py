@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mtpkit.config import HeadsConfig
-from mtpkit.decoding import (SpeculativeDecoder, _Plan, attention_windows, decoder_cache,
+from mtpkit.decoding import (SpeculativeDecoder, TreePlan, keep_path, attention_windows, decoder_cache,
                              encode_prompt, greedy_generate, rejection_walk, supports_tree_attention,
                              tree_mask)
 from mtpkit.draft_layer import append_keys
@@ -118,7 +118,7 @@ def test_eagle_tree_drafts_equal_chain_drafts_along_each_path(tiny_backbone):
     chain drafted along its path would draft."""
     heads = random_heads(tiny_backbone, "eagle", num_heads=4)
     decoder = SpeculativeDecoder(heads, TREE)
-    plan, tree = decoder._plan, decoder.tree
+    plan, tree = decoder.proposer.plan, decoder.tree
     ids = prompt_ids(tiny_backbone)
     with torch.no_grad():
         hidden = tiny_backbone.hidden(ids).last_hidden_state[0]
@@ -168,7 +168,7 @@ def test_kv_rollback_equals_recomputation(tiny_backbone):
     ids = prompt_ids(tiny_backbone)
     heads = random_heads(tiny_backbone, "medusa")
     decoder = SpeculativeDecoder(heads, TREE)
-    plan = _Plan(build_tree(TREE), tiny_backbone.device, sequential=False, windows=attention_windows(tiny_backbone))
+    plan = TreePlan(build_tree(TREE), tiny_backbone.device, sequential=False, windows=attention_windows(tiny_backbone))
     tokens = torch.arange(20, 20 + plan.num_nodes)
     nodes = [0, 1, 5, 8]  # root, (0), (0, 1), (0, 1, 0): not a prefix of the node order
     assert [build_tree(TREE).parents.tolist()[n] for n in nodes[1:]] == nodes[:-1]
@@ -179,7 +179,7 @@ def test_kv_rollback_equals_recomputation(tiny_backbone):
         tree_out = tiny_backbone.hidden(tokens.unsqueeze(0), past_key_values=cache,
                                         attention_mask=plan.mask(prefix, prefix + 8, tiny_backbone.dtype),
                                         position_ids=(plan.offsets + prefix).unsqueeze(0), use_cache=True)
-        decoder._keep_path(cache, plan, nodes, prefix)
+        keep_path(cache, plan, nodes, prefix)
         fresh = DynamicCache(config=tiny_backbone.config)
         full = tiny_backbone.hidden(torch.cat([ids, tokens[nodes].unsqueeze(0)], dim=1), past_key_values=fresh,
                                     use_cache=True)
@@ -351,7 +351,7 @@ def test_speculative_sampling_matches_the_base_distribution(tiny_backbone, monke
     assert _total_variation(decoder, ids, exact, 1000) < 0.07
 
     # the test has the power to catch a wrong sampler: always accepting the first draft fails it
-    import mtpkit.decoding as decoding
+    import mtpkit.decoding.acceptance as decoding
 
     monkeypatch.setattr(decoding, "rejection_walk", lambda children, probs, uniform: ([0, 1], []))
     assert _total_variation(decoder, ids, exact, 200) > 0.2
@@ -447,7 +447,7 @@ def test_speculative_sampling_after_rejections_matches_the_base_distribution(tin
 
     # the power to catch a sampler that, after rejections, draws from the base distribution with the rejected
     # drafts still in it (no residual): they come out too often
-    import mtpkit.decoding as decoding
+    import mtpkit.decoding.acceptance as decoding
 
     def walk_keeping_rejected_drafts(children, child_probs, uniform):
         nodes, _ = rejection_walk(children, child_probs, uniform)
@@ -470,7 +470,7 @@ def test_sampling_and_typical_run_on_trees(tiny_backbone):
 def test_sampling_warps_only_the_rows_the_acceptance_walk_visits(tiny_backbone, monkeypatch):
     """Each step warps (temperature, top-k, top-p) the rows of the nodes it accepts plus the one it stops at, once
     each: at most depth + 1 of the tree's nodes, never all of them."""
-    import mtpkit.decoding as decoding
+    import mtpkit.decoding.acceptance as decoding
 
     ids = prompt_ids(tiny_backbone)
     heads = random_heads(tiny_backbone, "sequential", num_heads=3)
@@ -607,6 +607,10 @@ def test_decoding_imports_no_calibration_nor_training():
     import inspect
     import re
 
+    import pkgutil
+
     import mtpkit.decoding as decoding
 
-    assert not re.search(r"from mtpkit\.(calibrate|train)|import mtpkit\.(calibrate|train)", inspect.getsource(decoding))
+    for module in pkgutil.iter_modules(decoding.__path__):
+        source = inspect.getsource(importlib.import_module(f"mtpkit.decoding.{module.name}"))
+        assert not re.search(r"from mtpkit\.(calibrate|train)|import mtpkit\.(calibrate|train)", source), module.name

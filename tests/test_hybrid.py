@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtpkit.config import CORPUS_NAME, HeadsConfig
-from mtpkit.decoding import (HeadsDrafter, SpeculativeDecoder, _TreeMasks, greedy_generate, rejection_walk,
+from mtpkit.decoding import (HeadsDrafter, MaskBuffer, SpeculativeDecoder, greedy_generate, rejection_walk,
                              verify_mask)
 from mtpkit.drafting.base import Candidates
 from mtpkit.drafting.lookup import PromptLookup
@@ -259,7 +259,7 @@ def test_shared_mask_buffer_equals_fresh_masks(windows):
     stale rows), gives the masks ``verify_mask`` builds afresh; the 3-deep chain's last node is past a window
     of 3 from the root's own key (the window's tree columns are exercised)."""
     dtype = torch.float32
-    masks = _TreeMasks(windows, max_nodes=8, capacity=20, dtype=dtype, device=torch.device("cpu"))
+    masks = MaskBuffer(windows, max_nodes=8, capacity=20, dtype=dtype, device=torch.device("cpu"))
     big = select_tree(merge_candidates([LOOKUP, SUFFIX]), 3, FREE, max_nodes=8).tree
     small = select_tree(merge_candidates([SUFFIX]), 3, FREE, max_nodes=8).tree
     chain = select_tree(merge_candidates([LOOKUP]), 3, FREE, max_nodes=8).tree  # node 2 sees node 1: big's did not
@@ -376,7 +376,7 @@ def test_hybrid_sampling_matches_the_base_distribution(tiny_backbone, monkeypatc
     assert max(_total_variations(counts, exact)) < 0.08
 
     # the power to catch a sampler that, after rejections, keeps the rejected drafts in the distribution
-    import mtpkit.decoding as decoding
+    import mtpkit.decoding.acceptance as decoding
 
     def walk_keeping_rejected_drafts(children, child_probs, uniform):
         nodes, _ = rejection_walk(children, child_probs, uniform)
@@ -490,12 +490,13 @@ def _depth(parents: list[int]) -> int:
 
 
 def test_models_without_tree_attention_verify_the_best_chain(tiny_backbone, monkeypatch):
-    import mtpkit.decoding as decoding
+    import mtpkit.decoding.masks as masks
+    import mtpkit.decoding.speculative as speculative
 
     ids, reference, sequence = reference_run(tiny_backbone, 30)
     heads = random_heads(tiny_backbone, "medusa")
-    monkeypatch.setattr(decoding, "tree_attention_problem", lambda backbone: "a probe tree differs")
-    monkeypatch.setattr(decoding, "_WARNED", set())
+    monkeypatch.setattr(speculative, "tree_attention_problem", lambda backbone: "a probe tree differs")
+    monkeypatch.setattr(masks, "_WARNED", set())
     with pytest.warns(UserWarning, match="most confident chain"):
         decoder = SpeculativeDecoder(heads, drafters=[Wrong(sequence), Oracle(sequence, wrong_first=True)], cost=FREE)
     steps = []

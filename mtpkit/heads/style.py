@@ -20,7 +20,7 @@ def place_drafts(dp: dict, logits: torch.Tensor, columns: torch.Tensor | None, t
                  confidences: list[float] | None) -> None:
     """Write one depth's drafts (each expanding node's top-k, in node order) into ``tokens``, ``columns`` giving
     the token id of each logit column (None: the column is the id); when tracing, append the drafting head's
-    probability of each to ``confidences``. ``dp`` is one depth of ``mtpkit.decoding._Plan.depth_plans``."""
+    probability of each to ``confidences``. ``dp`` is one depth of ``mtpkit.decoding.TreePlan.depth_plans``."""
     top = torch.topk(logits, dp["top_k"], dim=-1)
     picked = top.indices.reshape(-1).index_select(0, dp["flat"])
     tokens[dp["start"]:dp["stop"]] = picked if columns is None else columns.index_select(0, picked)
@@ -75,7 +75,7 @@ class HeadStyle:
 
     def draft(self, heads, plan, draft_state, root: torch.Tensor, tokens: torch.Tensor,
               tracing: bool) -> list[float] | None:
-        """Fill ``tokens[1:]`` with drafts along ``plan`` (``mtpkit.decoding._Plan``), depth by depth; return
+        """Fill ``tokens[1:]`` with drafts along ``plan`` (``mtpkit.decoding.TreePlan``), depth by depth; return
         each draft's confidence when ``tracing``."""
         confidences = [] if tracing else None
         states = None
