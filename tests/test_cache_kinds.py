@@ -185,7 +185,7 @@ def _hide_dict_masks(model, how: str):
 
 @pytest.mark.parametrize("how", ["refuse", "ignore"])
 def test_tree_falls_back_to_a_chain_with_the_reason(tiny_tokenizer, monkeypatch, how):
-    monkeypatch.setattr(decoding, "_WARNED", set())
+    monkeypatch.setattr(masks, "_WARNED", set())
     backbone = wrap_model(make_sliding_model("gemma3", len(tiny_tokenizer)), tiny_tokenizer, "tiny-gemma3")
     backbone.model.generation_config.eos_token_id = None
     ids = long_prompt(backbone.vocab_size)

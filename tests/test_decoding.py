@@ -166,8 +166,6 @@ def test_kv_rollback_equals_recomputation(tiny_backbone):
     from transformers import DynamicCache
 
     ids = prompt_ids(tiny_backbone)
-    heads = random_heads(tiny_backbone, "medusa")
-    decoder = SpeculativeDecoder(heads, TREE)
     plan = TreePlan(build_tree(TREE), tiny_backbone.device, sequential=False, windows=attention_windows(tiny_backbone))
     tokens = torch.arange(20, 20 + plan.num_nodes)
     nodes = [0, 1, 5, 8]  # root, (0), (0, 1), (0, 1, 0): not a prefix of the node order
