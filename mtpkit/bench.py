@@ -192,6 +192,8 @@ class PeakMemory:
 
     def __enter__(self):
         gc.collect()
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None).malloc_trim(0)  # hand freed memory back first, or the run could reuse it unseen
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
