@@ -99,7 +99,7 @@ def test_chooser_picks_the_layout_that_is_clearly_faster(monkeypatch, llama):
     slow_column = kernels.FORMS["column"]
 
     def column_with_a_stall(flat, weight, bias):
-        time.sleep(2e-4)
+        time.sleep(1e-3)
         return slow_column(flat, weight, bias)
 
     monkeypatch.setitem(kernels.FORMS, "column", column_with_a_stall)
@@ -116,7 +116,7 @@ def test_chooser_picks_the_layout_that_is_clearly_faster(monkeypatch, llama):
     real_linear = F.linear
 
     def stock_with_a_stall(x, weight, bias=None):
-        time.sleep(2e-4)
+        time.sleep(1e-3)
         return real_linear(x, weight, bias)
 
     monkeypatch.setitem(kernels.FORMS, "stock", stock_with_a_stall)

@@ -148,8 +148,8 @@ def test_the_decoder_hands_every_verified_tree_to_the_table(tiny_backbone):
     assert [logits[0].argmax().item() for _, logits in spy.observed] == firsts
     # drafters without the hook are not asked; a decoder of the heads alone asks no one
     plain = SpeculativeDecoder(heads, drafters=[PromptLookup()], cost=FREE)
-    assert plain._verification_observers == []
-    assert SpeculativeDecoder(heads, HEADS_TREE)._verification_observers == []
+    assert plain.proposer.observers == []
+    assert not hasattr(SpeculativeDecoder(heads, HEADS_TREE).proposer, "observers")  # the static tree: no drafters
 
 
 @pytest.mark.parametrize("style", ["medusa", "sequential", "eagle"])

@@ -68,7 +68,8 @@ class LogProgress:
 
     def __exit__(self, *exc):
         for task in self._tasks.values():
-            self._write(task)
+            if task.get("_written") != (task["description"], task["completed"], task["total"]):
+                self._write(task)  # where it ended, unless that is the last line written
         return False
 
     def add_task(self, description: str, total: float | None = None, **fields) -> int:
@@ -91,6 +92,7 @@ class LogProgress:
             self._write(task)
 
     def _write(self, task: dict) -> None:
+        task["_written"] = (task["description"], task["completed"], task["total"])
         self._last = time.monotonic()
         elapsed = int(self._last - self._start)
         done = f"{task['completed']:.0f}/{task['total']:.0f}" if task["total"] else f"{task['completed']:.0f}"
