@@ -22,14 +22,15 @@ from mtpkit.attach import attach
 from mtpkit.checkpoint import open_heads, save_heads
 from mtpkit.export import export_heads
 
-SEQUENCE = 24
+SEQUENCE = 128  # one block of speculators' flex attention, its default
 DEPTHS = 3
 AUX_LAYERS = [3, 1, 4]  # not increasing: the export must sort them and permute fc's blocks to match
 DRAFT_VOCAB = 96
 
 
 def tiny_base(path: Path) -> None:
-    """A random 6-layer Llama and a byte-level tokenizer of 300 tokens, saved as a model directory."""
+    """A random 6-layer Llama (hidden 128: the draft gets two attention heads of 64) and a byte-level tokenizer of
+    about 300 tokens, saved as a model directory."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -40,7 +41,7 @@ def tiny_base(path: Path) -> None:
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=6, num_attention_heads=4,
+    config = LlamaConfig(hidden_size=128, intermediate_size=320, num_hidden_layers=6, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=256, vocab_size=len(fast),
                          tie_word_embeddings=False, initializer_range=0.2, pad_token_id=0, bos_token_id=1,
                          eos_token_id=2)
