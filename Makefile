@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-stamp
 
-.PHONY: setup test test-fast demo heads corpus clean
+.PHONY: setup test test-fast demo heads corpus interop clean
 
 setup: $(STAMP)
 
@@ -50,5 +50,22 @@ heads: setup
 		$(BIN)/mtpkit finetune $(HEADS_DIR) --recipe recipes/$(HEADS_NAME).yaml; \
 	fi
 
+# mtpkit's eagle3 export loaded by speculators itself: mtpkit (its venv) makes random eagle3 heads on a tiny Llama,
+# exports them and saves its draft logits; speculators 0.9.0 (a venv of its own, .venv-interop: it pins an older
+# transformers) loads the export with Eagle3DraftModel.from_pretrained, runs the draft and compares (interop/).
+INTEROP_VENV  := .venv-interop
+INTEROP_STAMP := $(INTEROP_VENV)/.setup-stamp
+$(INTEROP_STAMP): interop/requirements.txt
+	test -x $(INTEROP_VENV)/bin/python || $(PY) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -m pip install -q --upgrade pip
+	$(INTEROP_VENV)/bin/python -m pip install -q -r interop/requirements.txt
+	$(INTEROP_VENV)/bin/python -m pip install -q --no-deps speculators==0.9.0
+	touch $(INTEROP_STAMP)
+
+interop: setup $(INTEROP_STAMP)
+	rm -rf out/interop
+	HF_HUB_OFFLINE=1 $(BIN)/python interop/make_case.py out/interop
+	HF_HUB_OFFLINE=1 $(INTEROP_VENV)/bin/python interop/check_speculators.py out/interop
+
 clean:
-	rm -rf $(VENV) out heads .pytest_cache
+	rm -rf $(VENV) $(INTEROP_VENV) out heads .pytest_cache

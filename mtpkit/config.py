@@ -20,6 +20,9 @@ CHECKPOINT_DIR = "checkpoint"
 CORPUS_NAME = "corpus.parquet"  # the base's own responses, drafted from by the suffix drafter
 
 STYLES = ("medusa", "sequential", "eagle", "eagle3")  # each one module of mtpkit.heads, by ``registry``
+# mtpkit export's formats and the head styles each carries (a style's one format is its default); each is a module of
+# mtpkit.export, which checks this against them; kept here so the CLI's help needs no torch
+EXPORT_FORMATS = {"vllm-medusa": ("medusa",), "speculators-eagle3": ("eagle3",)}
 DEFAULT_MODEL = "smollm2-135m"
 
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import mtpkit.export as export_module
+import mtpkit.export.vllm_medusa as medusa_format
 from tests.conftest import assert_one_line_error
 from mtpkit.attach import attach
 from mtpkit.checkpoint import open_heads, save_heads
@@ -73,7 +73,8 @@ def test_medusa_export_has_vllm_names_shapes_and_config(medusa_dir, tmp_path):
     # vLLM's config loader renames every key holding "num" and "heads"/"layers": only its own two may exist
     assert [k for k in config if "num" in k] == ["num_heads", "num_hidden_layers"]
     assert config["mtpkit_export"]["loader"] == VLLM_MEDUSA_LOADER and len(VLLM_MEDUSA_LOADER["model_commit"]) == 40
-    assert result.shared_lm_head and "copy of the base's output layer" in config["mtpkit_export"]["lm_heads"]
+    assert "copy of the base's output layer" in config["mtpkit_export"]["lm_heads"]
+    assert ("output layers", config["mtpkit_export"]["lm_heads"]) in result.summary
     assert check_vllm_medusa(out) == []
 
 
@@ -110,14 +111,14 @@ def test_self_check_catches_a_misnamed_tensor(medusa_dir, tmp_path):
 
 
 def test_a_misnamed_export_fails_and_leaves_nothing(medusa_dir, tmp_path, monkeypatch):
-    tensors = export_module.vllm_medusa_tensors
+    tensors = medusa_format.vllm_medusa_tensors
 
     def misnamed(heads):
         state, shared = tensors(heads)
         state["lm_head.0.weight"] = state.pop("lm_heads.0.weight")
         return state, shared
 
-    monkeypatch.setattr(export_module, "vllm_medusa_tensors", misnamed)
+    monkeypatch.setattr(medusa_format, "vllm_medusa_tensors", misnamed)
     with pytest.raises(MtpkitError, match="failed its own check.*missing lm_heads.0.weight") as caught:
         export_heads(medusa_dir, tmp_path / "vllm")
     assert "\n" not in str(caught.value)
