@@ -20,6 +20,7 @@ from mtpkit.draft_layer import append_keys
 from mtpkit.errors import MtpkitError
 from mtpkit.heads import DraftHeads, build_heads, d2t_t2d, default_aux_layer_ids, draft_vocab_from_d2t
 from tests.test_cache_kinds import WINDOW, long_prompt, make_sliding_model
+from tests.test_train import text_data  # noqa: F401 (a fixture)
 
 TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0, 0]]
 PROMPT = "The quick brown fox"
@@ -257,18 +258,23 @@ def test_attach_refuses_bad_eagle3_input(tiny_model_dirs, tmp_path, args, fragme
     assert not (out / CONFIG_NAME).exists()
 
 
-def test_training_chooses_the_draft_vocabulary_lowers_the_loss_and_moves_only_the_heads(tiny_model_dirs, tmp_path):
-    from mtpkit import train
+def eagle3_heads(tiny_model_dirs, tmp_path, num_heads: int):
+    """Fresh eagle3 heads on the tiny Llama, drafting from 40 tokens."""
     from mtpkit.attach import attach
+
+    heads_dir = tmp_path / "heads"
+    attach(str(tiny_model_dirs["llama"]), "eagle3", num_heads, 1, heads_dir, draft_vocab_size=40)
+    return heads_dir
+
+
+def test_training_chooses_the_draft_vocabulary_lowers_the_loss_and_moves_only_the_heads(tiny_model_dirs, tmp_path,
+                                                                                        text_data):
+    from mtpkit import train
     from mtpkit.checkpoint import open_heads
     from mtpkit.train.batches import draft_vocab, target_rows
-    from tests.conftest import CORPUS
 
-    data = tmp_path / "text.jsonl"
-    data.write_text("".join(json.dumps({"text": line}) + "\n" for line in CORPUS * 2))
-    heads_dir = tmp_path / "heads"
-    attach(str(tiny_model_dirs["llama"]), "eagle3", 3, 1, heads_dir, draft_vocab_size=40)
-    settings = dict(data=[str(data)], lr=1e-2, batch_size=4, eval_fraction=0.2, eval_every=0, save_every=0,
+    heads_dir = eagle3_heads(tiny_model_dirs, tmp_path, 3)
+    settings = dict(data=[str(text_data)], lr=1e-2, batch_size=4, eval_fraction=0.2, eval_every=0, save_every=0,
                     max_steps=15, seed=0)
     with pytest.raises(MtpkitError, match="token loss only"):
         train.setup(heads_dir, train.FinetuneOptions(**settings))  # distill is the default loss
@@ -311,17 +317,12 @@ def test_every_style_is_one_module_in_the_registry():
         style_of("hydra")
 
 
-def test_a_resumed_run_keeps_the_draft_vocabulary_it_chose(tiny_model_dirs, tmp_path):
+def test_a_resumed_run_keeps_the_draft_vocabulary_it_chose(tiny_model_dirs, tmp_path, text_data):
     from mtpkit import train
-    from mtpkit.attach import attach
     from mtpkit.checkpoint import open_heads
-    from tests.conftest import CORPUS
 
-    data = tmp_path / "text.jsonl"
-    data.write_text("".join(json.dumps({"text": line}) + "\n" for line in CORPUS * 2))
-    heads_dir = tmp_path / "heads"
-    attach(str(tiny_model_dirs["llama"]), "eagle3", 2, 1, heads_dir, draft_vocab_size=40)
-    settings = dict(data=[str(data)], lr=1e-2, batch_size=8, eval_fraction=0.2, eval_every=0, save_every=2,
+    heads_dir = eagle3_heads(tiny_model_dirs, tmp_path, 2)
+    settings = dict(data=[str(text_data)], lr=1e-2, batch_size=8, eval_fraction=0.2, eval_every=0, save_every=2,
                     max_steps=4, seed=0, loss="ce")
 
     def stop_at_3(step):
