@@ -22,7 +22,7 @@ from mtpkit.backbone import Backbone
 from mtpkit.config import HeadsConfig
 from mtpkit.files import cache_root
 from mtpkit.heads import DraftHeads
-from mtpkit.kernels import DEFAULT_SIZES, kernel_measurement, kernel_plan, synchronize, uses_fast_kernels
+from mtpkit.kernels import DEFAULT_SIZES, cached_measurement, kernel_measurement, kernel_plan, synchronize, uses_fast_kernels
 from mtpkit.targets import conditioning_tokens, head_targets
 from mtpkit.tree import MAX_RANK, chain_choices, expected_tokens, greedy_tree, monotone_cost
 
@@ -30,9 +30,10 @@ FORWARD_SIZES = DEFAULT_SIZES  # the sizes whose whole-forward cost mtpkit.kerne
 CALIBRATION_PROMPTS = 4
 CALIBRATION_TOKENS = 32
 DRAFT_CONTEXT = 128  # committed positions in the eagle draft cache while its drafting is timed
-FORMAT_VERSION = 7  # 2: draft costs on the base's kernels; 3: keyed by the measured layout of each layer shape;
+FORMAT_VERSION = 8  # 2: draft costs on the base's kernels; 3: keyed by the measured layout of each layer shape;
 # 4: forward costs made non-decreasing in n; 5: draft cost timed through the decoder's drafting code; 6: per depth;
-# 7: forward costs from whole forwards per layout (mtpkit.kernels), n = 1 as plain decoding runs its token
+# 7: forward costs from whole forwards per layout (mtpkit.kernels), n = 1 as plain decoding runs its token;
+# 8: keyed by those costs too
 
 
 @dataclass
@@ -203,5 +204,10 @@ def measure_draft_cost(heads: DraftHeads, repeats: int = 5) -> list[float]:
 
 
 def _kernel_mode(backbone: Backbone) -> str:
-    """The forward cost depends on the kernels the model runs: stock, or the plan measured on whole forwards."""
-    return kernel_plan(backbone.model).describe() if uses_fast_kernels(backbone.model) else "stock"
+    """The forward cost depends on the kernels the model runs: stock, or the plan measured on whole forwards and
+    the costs measured with it (a new measurement is a new calibration, even where it picks the same plan)."""
+    if not uses_fast_kernels(backbone.model):
+        return "stock"
+    measured = cached_measurement(backbone)
+    return json.dumps([kernel_plan(backbone.model).describe(), measured and measured.to_dict()["seconds"]],
+                      sort_keys=True)

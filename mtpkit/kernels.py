@@ -54,7 +54,8 @@ ONE_ROW_LAYOUTS = ("stock", "column", "pair")  # in order of preference: a later
 FEW_ROW_LAYOUTS = ("stock", "column")
 MARGIN = 0.03  # on whole forwards a layout replaces the one before it only if at least 3% faster
 CHOICE_REPEATS = 5  # timed rounds of whole forwards per layout and size (after one warm-up round)
-FORMAT_VERSION = 1  # of the cached whole-forward measurement
+FORMAT_VERSION = 2  # of the cached whole-forward measurement (2: ``python -m mtpkit.kernels`` no longer times the
+# output layer stock; what it cached before is measured again)
 
 
 def _stock(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -384,18 +385,29 @@ def kernel_measurement(backbone, refresh: bool = False) -> KernelMeasurement:
     CPU nothing is measured: everything runs stock."""
     if not measurable(backbone.model.get_input_embeddings().weight):
         return KernelMeasurement({"stock": {}}, STOCK, 0, 0, machine_key(backbone))
-    machine = machine_key(backbone)
-    key = hashlib.sha256(json.dumps([FORMAT_VERSION, backbone.fingerprint, machine], sort_keys=True).encode())
-    path = cache_root() / "kernels" / f"{key.hexdigest()[:24]}.json"
-    if path.is_file() and not refresh:
-        try:
-            return KernelMeasurement.from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError):
-            pass  # a damaged or older entry is measured again
+    cached = None if refresh else cached_measurement(backbone)
+    if cached is not None:
+        return cached
     measurement = choose_kernels(backbone)
+    path = _measurement_path(backbone)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(measurement.to_dict(), indent=2, sort_keys=True) + "\n")
     return measurement
+
+
+def cached_measurement(backbone) -> KernelMeasurement | None:
+    """The measurement cached for this model and machine, None when there is none (nothing is measured)."""
+    path = _measurement_path(backbone)
+    try:
+        return KernelMeasurement.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent, damaged or of an older format: measured again when asked for
+
+
+def _measurement_path(backbone) -> Path:
+    key = hashlib.sha256(json.dumps([FORMAT_VERSION, backbone.fingerprint, machine_key(backbone)],
+                                    sort_keys=True).encode())
+    return cache_root() / "kernels" / f"{key.hexdigest()[:24]}.json"
 
 
 def use_measured_kernels(backbone, *modules: nn.Module) -> KernelMeasurement:
@@ -587,4 +599,9 @@ def _write_report(report: dict, json_path: Path | None, console) -> None:
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    # ``python -m mtpkit.kernels`` runs this file as ``__main__``, a second copy of the module whose ``FastLinear``
+    # the rest of mtpkit (``linear_for``: the output layer) does not recognise: that copy's measurements ran the
+    # output layer stock and were cached for decoding. The CLI runs the imported module's code instead.
+    import mtpkit.kernels
+
+    typer.run(mtpkit.kernels.main)

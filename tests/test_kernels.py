@@ -352,3 +352,63 @@ def test_forward_table_fits_80_columns():
     text = " ".join(out.getvalue().split())
     assert max(len(line) for line in out.getvalue().splitlines()) <= 80
     assert "1 54.6 55.6 37.7 pair 1.00" in text and "2 89.1 50.9 - column 1.35" in text
+
+
+SPY_CLI = """
+import json, runpy, sys
+import mtpkit.kernels as kernels
+seen, real = [], kernels.fast_linear
+def spy(x, weight, bias=None, plan=kernels.STOCK):
+    seen.append(list(weight.shape))
+    return real(x, weight, bias, plan)
+kernels.fast_linear = spy
+sys.argv = ["mtpkit.kernels", "--model", sys.argv[1], "--sizes", "1,2", "--repeats", "1"]
+try:
+    runpy.run_module("mtpkit.kernels", run_name="__main__", alter_sys=True)
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print(json.dumps(seen))
+"""
+
+
+def test_the_kernels_command_times_every_layer_and_the_output_layer_on_the_layout(tmp_path, tiny_model_dirs):
+    """``python -m mtpkit.kernels`` runs the module as ``__main__``, a second copy: its layers and the output layer
+    (``linear_for``) must be the imported module's, or it times (and caches for decoding) the output layer stock."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig
+
+    model_dir = tiny_model_dirs["llama"]
+    config = AutoConfig.from_pretrained(model_dir)
+    env = {**os.environ, "MTPKIT_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", SPY_CLI, str(model_dir)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shapes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [config.vocab_size, config.hidden_size] in shapes  # the output layer ran through the plan's kernels
+    assert [config.intermediate_size, config.hidden_size] in shapes
+
+
+def test_calibration_key_follows_the_measured_costs(monkeypatch, tmp_path, llama):
+    """A new measurement with the same plan is a new calibration: the tree chooser reads its costs."""
+    from mtpkit.calibrate import calibration_key
+    from mtpkit.heads import build_heads
+    from tests.test_heads import make_config
+
+    monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path))
+    heads = build_heads(make_config(llama), llama)
+    plan = KernelPlan("pair", ((2, "column"),))
+    measured = iter([KernelMeasurement({"stock": {1: 1.0, 2: 1.5}, "column": {1: 1.0, 2: 0.9}, "pair": {1: 0.5}}, plan),
+                     KernelMeasurement({"stock": {1: 1.0, 2: 1.5}, "column": {1: 1.0, 2: 0.6}, "pair": {1: 0.5}}, plan)])
+    monkeypatch.setattr(kernels, "choose_kernels", lambda backbone: next(measured))
+    try:
+        use_measured_kernels(llama)
+        first = calibration_key(heads)
+        assert calibration_key(heads) == first
+        kernel_measurement(llama, refresh=True)
+        assert kernel_plan(llama.model) == plan and calibration_key(heads) != first
+    finally:
+        disable_fast_kernels(llama.model)
