@@ -18,6 +18,7 @@ CARD_NAME = "README.md"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 CORPUS_NAME = "corpus.parquet"  # the base's own responses, drafted from by the suffix drafter
+PRIOR_NAME = "acceptance_prior.json"  # how often each source's drafts held on held-out prompts (``mtpkit.priors``)
 
 STYLES = ("medusa", "sequential", "eagle", "eagle3")  # each one module of mtpkit.heads, by ``registry``
 # mtpkit export's formats and the head styles each carries (a style's one format is its default); each is a module of

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from mtpkit.calibrate import auto_tree, calibrate, calibration_key
-from mtpkit.config import CORPUS_NAME, HeadsConfig
+from mtpkit.config import CORPUS_NAME, PRIOR_NAME, HeadsConfig
 from mtpkit.decoding import HeadsDrafter, PlainDecoder, SpeculativeDecoder, resolve_tree
 from mtpkit.drafting.base import Drafter
 from mtpkit.drafting.calibrator import ConfidenceCalibrator
@@ -129,11 +129,18 @@ def remember_calibrator(decoder: SpeculativeDecoder, path: Path) -> None:
         atomic_write_text(path, json.dumps(calibrator.state_dict(), sort_keys=True) + "\n")
 
 
+def shipped_prior(heads_dir: Path | None) -> ConfidenceCalibrator | None:
+    """The acceptance prior the heads directory ships (``mtpkit calibrate``), None when it has none."""
+    return None if heads_dir is None else remembered_calibrator(Path(heads_dir) / PRIOR_NAME)
+
+
 def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="auto", remember: Path | None = None,
-                  **sampling):
+                  prior: bool = True, **sampling):
     """The decoder for ``--draft``: plain decoding ("none"), the heads' static tree alone ("heads"), or a tree chosen per step from the
     named sources, under this machine's measured forward costs (calibrated once, cached). With ``remember`` (an
-    ``acceptance_path``) its calibrator starts from the counts ``remember_calibrator`` kept there."""
+    ``acceptance_path``) its calibrator starts from the counts ``remember_calibrator`` kept there; else, greedy and
+    with ``prior``, from the acceptance prior the heads directory ships (``shipped_prior``); else from the drafters'
+    raw confidences."""
     sources = check_draft(draft)
     if not sources:
         return PlainDecoder(heads.backbone, **sampling)
@@ -143,6 +150,8 @@ def build_decoder(heads, heads_dir: Path | None, draft: str = "hybrid", tree="au
         return SpeculativeDecoder(heads, tree, **sampling)
     calibration = calibrate(heads)
     calibrator = None if remember is None else remembered_calibrator(remember)
+    if calibrator is None and prior and not sampling.get("temperature"):  # measured greedy: sampling accepts otherwise
+        calibrator = shipped_prior(heads_dir)
     return SpeculativeDecoder(heads, drafters=make_drafters(sources, heads, heads_dir, tree),
                               cost=calibration.forward_cost, calibrator=calibrator,
                               draft_cost=calibration.tree_draft_cost() if "heads" in sources else 0.0, **sampling)

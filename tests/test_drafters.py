@@ -332,10 +332,11 @@ def test_selected_tree_buffers_match_hand_written_values():
 
 
 @pytest.mark.parametrize("cost, draft_cost, seconds, tokens", [
-    # seconds: the cost of a forward over 1..6 tokens, as the table gives or interpolates it
+    # seconds: the cost of a forward over 1..6 tokens, as the table gives it (between sizes: the larger's)
     ({1: 1.0, 2: 1.0, 3: 1.1, 4: 1.5, 5: 1.6, 6: 2.0}, 0.0, [1.0, 1.0, 1.1, 1.5, 1.6, 2.0], [42, 3, 6]),
     ({1: 1.0, 2: 1.0, 3: 1.1, 4: 1.5, 5: 1.6, 6: 2.0}, 10.0, [1.0, 1.0, 1.1, 1.5, 1.6, 2.0], [42, 3, 4, 2, 6, 9]),
-    ({1: 1.0, 4: 1.3}, 0.0, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5], [42, 3, 4, 6]),
+    ({1: 1.0, 4: 1.3}, 0.0, [1.0, 1.3, 1.3, 1.3, 1.4, 1.5], [42, 3, 4, 6]),
+    ({1: 1.0, 2: 1.0, 8: 2.0}, 0.0, [1.0, 1.0, 2.0, 2.0, 2.0, 2.0], [42, 3]),  # linear: 4 nodes
     ({1: 1.0, 2: 2.0}, 0.0, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [42]),
 ])
 def test_selection_cuts_where_expected_tokens_per_second_peak(cost, draft_cost, seconds, tokens):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from mtpkit import __version__
-from mtpkit.cli import attach, bench, corpus, export, finetune, generate
+from mtpkit.cli import attach, bench, calibrate, corpus, export, finetune, generate
 
 app = typer.Typer(
     name="mtpkit",
@@ -19,6 +19,7 @@ app.command("corpus")(corpus.corpus)
 app.command("finetune")(finetune.finetune)
 app.command("generate")(generate.generate)
 app.command("bench")(bench.bench)
+app.command("calibrate")(calibrate.calibrate)
 app.command("export")(export.export)
 
 

@@ -137,8 +137,8 @@ class StaticTreeProposer:
     def describe(self) -> str:
         return self.tree.describe()
 
-    def reset(self) -> None:
-        self.heads_drafter.reset()
+    def reset(self, keep_calibrator: bool = False) -> None:
+        self.heads_drafter.reset()  # nothing is calibrated here
 
     def start(self, prompt: list[int], root: int, features: torch.Tensor, capacity: int) -> None:
         self.heads_drafter.start(prompt)
@@ -187,10 +187,11 @@ class DynamicTreeProposer:
         names = list(dict.fromkeys(drafter.name for drafter in self.drafters))
         return f"dynamic tree of up to {self.max_nodes} nodes from {', '.join(names)}"
 
-    def reset(self) -> None:
-        """Back to the state it was built in: the calibrator's counts, the drafting-time estimate and every
-        drafter's learned entries."""
-        self.calibrator = ConfidenceCalibrator.from_state_dict(self._initial[0])
+    def reset(self, keep_calibrator: bool = False) -> None:
+        """Back to the state it was built in: the calibrator's counts (unless ``keep_calibrator``), the
+        drafting-time estimate and every drafter's learned entries."""
+        if not keep_calibrator:
+            self.calibrator = ConfidenceCalibrator.from_state_dict(self._initial[0])
         self.draft_cost = self._initial[1]
         for drafter in self.drafters:
             drafter.reset()

@@ -100,11 +100,11 @@ class SpeculativeDecoder:
     def describe(self) -> str:
         return self.proposer.describe()
 
-    def reset(self) -> None:
-        """Back to the state this decoder was built in (calibrator, drafting-time estimate, every drafter's learned
-        entries). ``mtpkit bench`` calls it before each (prompt, method) run, so no figure depends on the prompts
-        measured before it."""
-        self.proposer.reset()
+    def reset(self, keep_calibrator: bool = False) -> None:
+        """Back to the state this decoder was built in (calibrator unless ``keep_calibrator``, drafting-time
+        estimate, every drafter's learned entries). ``mtpkit bench`` calls it before each (prompt, method) run, so
+        no figure depends on the prompts measured before it."""
+        self.proposer.reset(keep_calibrator)
 
     def reseed(self, seed: int) -> None:
         """Restart the sampler's random streams from ``seed``."""

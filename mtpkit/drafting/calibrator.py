@@ -87,6 +87,19 @@ class ConfidenceCalibrator:
                 self.record(agreement(draft.sources[node]), max(draft.raw_confidences[node]), node in accepted,
                             depths[node])
 
+    def weighed_as(self, trials: int) -> "ConfidenceCalibrator":
+        """A copy whose counts weigh as at most ``trials`` trials per bin, each bin's rate kept (to the nearest
+        count): a prior that a prompt's own acceptances soon outweigh."""
+        if trials < 1:
+            raise MtpkitError(f"a prior weighs as at least one trial per bin (got {trials})")
+        prior = ConfidenceCalibrator(self.num_bins, self.prior_weight)
+        for key, tried in self._tried.items():
+            accepted = self._accepted.get(key, [0] * self.num_bins)
+            kept = [min(t, trials) for t in tried]
+            prior._tried[key] = kept
+            prior._accepted[key] = [round(a * k / t) if t else 0 for a, k, t in zip(accepted, kept, tried)]
+        return prior
+
     def acceptance_rates(self, source: str, depth: int = 1) -> list[float | None]:
         """Measured acceptance rate per bin at ``depth`` (None where nothing was tried)."""
         key = _key(source, depth)

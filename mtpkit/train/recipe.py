@@ -557,6 +557,7 @@ def save(run: Run, wall_seconds: float) -> list[Path]:
         "train_vocab": run.data.vocab.ids.numel() if run.data.vocab is not None else "full",
         "head_weights": options.head_weights, "weights": run.weights, "lora": options.lora,
         "mixed_precision": options.mixed_precision, "dtype": options.dtype, "seed": options.seed,
+        "eval_fraction": options.eval_fraction, "max_examples": options.max_examples,
         "processes": run.accelerator.num_processes, "sequences_per_process": run.sequences_per_process,
         "wall_seconds": round(wall_seconds, 1), "timings": {k: round(v, 1) for k, v in run.timings.items()},
         "peak_step_rss_mb": run.peak_step_rss_mb, "mtpkit_version": __version__,
