@@ -4,8 +4,9 @@ A tree chosen per step trusts each node as much as the calibrator says (``mtpkit
 nodes of that agreement of sources, depth and raw confidence were accepted. Started from the drafters' raw
 confidences, it overrates them at the start of every prompt (a lookup's raw confidence is 1.0; measured on 8
 MT-Bench prompts, hybrid trees expected 2.2-3.4 tokens per step and got 1.3-2.1), and verifies trees too large to pay.
-The prior is those counts measured once, by decoding prompts the heads never trained on (the held-out split of their
-own training data, never a benchmark set) with every source in one tree, weighed as at most ``PRIOR_TRIALS``
+The prior is those counts measured once, by decoding prompts the heads never trained on (never a benchmark set: the
+held-out split of their own training data, unless their suffix corpus holds its responses, or prompts given with
+``--data``) with every source in one tree, weighed as at most ``PRIOR_TRIALS``
 trials per bin so that a prompt's own acceptances soon count. Greedy decoders start from it
 (``mtpkit.draft_sources.build_decoder``); ``mtpkit bench`` resets every run to it.
 """
@@ -20,7 +21,7 @@ import torch
 
 from mtpkit.config import PRIOR_NAME
 from mtpkit.data import load_data, prompt_ids
-from mtpkit.draft_sources import build_decoder
+from mtpkit.draft_sources import build_decoder, corpus_path
 from mtpkit.drafting.calibrator import ConfidenceCalibrator
 from mtpkit.drafting.registry import HYBRID
 from mtpkit.errors import MtpkitError
@@ -43,6 +44,11 @@ def heldout_prompts(heads, heads_dir: Path, limit: int, data: list[str] | None =
             raise MtpkitError(f"{heads_dir} records no held-out split of its training data: pass --data with "
                               "prompts the heads never trained on")
         sources = [_resolve(source, heads_dir) for source in sources]
+        corpus = corpus_path(heads_dir, heads.config)
+        if corpus is not None and any(Path(source).resolve() == corpus.resolve() for source in sources if ":" not in source):
+            raise MtpkitError(f"the suffix corpus of {heads_dir} holds the responses to its held-out prompts (it is "
+                              "their training data), so they would measure the suffix drafter copying them: pass "
+                              "--data with prompts the heads never trained on")
     dataset = load_data(list(sources), max_examples=None if data else training.get("max_examples"),
                         eval_fraction=fraction, seed=seed, backbone=heads.backbone)
     examples = dataset.train if data else dataset.eval

@@ -119,6 +119,12 @@ def test_heldout_prompts_are_the_split_finetune_held_out(heads_dir, prompts_file
     heads.config.training = {}
     with pytest.raises(MtpkitError, match="no held-out split"):
         heldout_prompts(heads, heads_dir, 10)
+    # the suffix corpus holds the training data's responses, the held-out ones among them: refused
+    heads.config.training = {"data": [str(prompts_file)], "eval_fraction": 0.5, "seed": 3}
+    heads.config.corpus = str(prompts_file)
+    with pytest.raises(MtpkitError, match="suffix corpus"):
+        heldout_prompts(heads, heads_dir, 10)
+    assert heldout_prompts(heads, heads_dir, 10, data=[str(prompts_file)]) == every  # other prompts: fine
 
 
 def test_calibrate_writes_the_prior_into_the_heads_directory(heads_dir, prompts_file):
