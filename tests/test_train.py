@@ -417,3 +417,40 @@ def test_train_tokens_count_response_targets_and_degenerate_responses_are_found(
     assert recipe.train_tokens(examples) == 2 + 2 + 40 + 1
     quality = recipe.response_quality(examples, {0})
     assert (quality.responses, quality.empty, quality.looping) == (4, 1, 1)
+
+
+def test_learning_curves_of_two_runs_compare_in_one_png_and_one_table(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from mtpkit.train.card import compare_curves, curves_table
+
+    curves = {"sequential": [{"step": 75, "tokens": 1000, "head_top1": [0.3, 0.2]},
+                             {"step": 150, "tokens": 2000, "head_top1": [0.4, 0.25]}],
+              "eagle3": [{"step": 75, "tokens": 1000, "head_top1": [0.5, 0.45]}]}
+    table = curves_table(curves).splitlines()
+    assert table[0] == "| run | training tokens | depth 1 top-1 | depth 2 top-1 |"
+    assert table[2:] == ["| sequential | 1,000 | 0.300 | 0.200 |", "| sequential | 2,000 | 0.400 | 0.250 |",
+                         "| eagle3 | 1,000 | 0.500 | 0.450 |"]
+    png = compare_curves(curves, tmp_path / "curves.png")
+    width, height = Image.open(png).size
+    assert width == 640 and height == 340  # one panel per depth, 3.2 x 3.4 inches at 100 dpi
+    with pytest.raises(MtpkitError, match="no learning curve"):
+        compare_curves({"untrained": []}, tmp_path / "none.png")
+    # the command reads the runs' configs
+    for name, curve in curves.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / CONFIG_NAME).write_text(json.dumps({
+            "style": name, "num_heads": 2, "num_layers": 1, "hidden_size": 8, "vocab_size": 10, "base_model": "tiny",
+            "base_fingerprint": "0", "training": {"learning_curve": curve}}))
+    done = subprocess.run([sys.executable, "-m", "mtpkit.train.card", str(tmp_path / "sequential"),
+                           str(tmp_path / "eagle3"), "--png", str(tmp_path / "both.png"), "--markdown",
+                           str(tmp_path / "both.md")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "both.png").stat().st_size > 0
+    assert "| eagle3 (eagle3) | 1,000 | 0.500 | 0.450 |" in (tmp_path / "both.md").read_text()
+    done = subprocess.run([sys.executable, "-m", "mtpkit.train.card", str(tmp_path / "nowhere"), "--png",
+                           str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith("error:") and "Traceback" not in done.stderr

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtpkit.files import atomic_write
 from mtpkit.config import HeadsConfig
+from mtpkit.errors import MtpkitError
+from mtpkit.files import atomic_write, atomic_write_text
 from mtpkit.heads import style_of
 
 PLOT_NAME = "training.png"
@@ -43,6 +44,52 @@ def learning_curve(history: list[dict]) -> list[dict]:
     """Held-out top-1 per head at each evaluation, against the training tokens seen by then."""
     return [{"step": r["step"], "tokens": r["tokens"], "head_top1": r["eval"]["head_top1"]}
             for r in history if "eval" in r and "tokens" in r]
+
+
+def compare_curves(curves: dict[str, list[dict]], path: Path) -> Path:
+    """Several runs' learning curves in one PNG: a panel per depth (head k), held-out top-1 against the training
+    tokens seen, a line per run (``curves``: run name -> ``learning_curve`` records)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = max((len(p["head_top1"]) for curve in curves.values() for p in curve), default=0)
+    if not depths:
+        raise MtpkitError("no learning curve to draw: the runs recorded no held-out evaluation")
+    fig, axes = plt.subplots(1, depths, figsize=(3.2 * depths, 3.4), sharey=True, squeeze=False)
+    for k, axis in enumerate(axes[0]):
+        for name, curve in curves.items():
+            points = [p for p in curve if len(p["head_top1"]) > k]
+            axis.plot([p["tokens"] for p in points], [p["head_top1"][k] for p in points], marker="o", label=name)
+        axis.set(title=f"depth {k + 1}", xlabel="training tokens seen", ylim=(0, 1))
+    axes[0][0].set(ylabel="held-out top-1")
+    axes[0][0].legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def curves_table(curves: dict[str, list[dict]]) -> str:
+    """The same curves as one Markdown table: a row per (run, evaluation)."""
+    depths = max((len(p["head_top1"]) for curve in curves.values() for p in curve), default=0)
+    header = "| run | training tokens | " + " | ".join(f"depth {k} top-1" for k in range(1, depths + 1)) + " |"
+    rows = [f"| {name} | {p['tokens']:,} | " + " | ".join(f"{a:.3f}" for a in p["head_top1"]) + " |"
+            for name, curve in curves.items() for p in curve]
+    return "\n".join([header, "|---|---|" + "---|" * depths, *rows]) + "\n"
+
+
+def main(heads_dirs: list[Path], png: Path, markdown: Path | None = None) -> None:
+    """``python -m mtpkit.train.card HEADS_DIR... --png F [--markdown F]``: the runs' learning curves side by side,
+    each run named by its style."""
+    curves = {}
+    for heads_dir in heads_dirs:
+        config = HeadsConfig.read(heads_dir)
+        curves[f"{config.style} ({Path(heads_dir).name})"] = config.training.get("learning_curve", [])
+    compare_curves(curves, png)
+    if markdown is not None:
+        atomic_write_text(markdown, curves_table(curves))
 
 
 def _curve_rows(curve: list[dict]) -> str:
@@ -108,3 +155,17 @@ mtpkit bench <this directory> --prompts builtin
 
 `metrics.jsonl` holds the training log and `training.png` its plot.
 """
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mtpkit.train.card", description=main.__doc__)
+    parser.add_argument("heads_dirs", nargs="+", type=Path)
+    parser.add_argument("--png", type=Path, required=True)
+    parser.add_argument("--markdown", type=Path)
+    arguments = parser.parse_args()
+    try:
+        main(arguments.heads_dirs, arguments.png, arguments.markdown)
+    except MtpkitError as error:
+        raise SystemExit(f"error: {error}") from None
