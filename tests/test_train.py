@@ -1,6 +1,7 @@
 """Training the heads: loss goes down, only heads move, resume == uninterrupted, NaN stops, the CLI."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -265,6 +266,29 @@ def test_hidden_states_on_disk_give_the_same_heads(tiny_model_dirs, tmp_path, te
     a, b = load_file(str(memory / WEIGHTS_NAME)), load_file(str(disk / WEIGHTS_NAME))
     for name in a:
         assert torch.equal(a[name], b[name])
+
+
+@pytest.mark.parametrize("cache_gb", [4.0, 0])
+def test_hidden_states_kept_in_bfloat16_are_the_base_states_rounded_and_train(tiny_model_dirs, tmp_path, text_data,
+                                                                                cache_gb):
+    """Half the memory or disk: each kept value is the base's rounded to bfloat16, read back in the base's dtype."""
+    heads_dir = make_heads(tiny_model_dirs, tmp_path, "sequential")
+    full = train.setup(heads_dir, options(text_data, hidden_cache_gb=cache_gb))
+    half = train.setup(heads_dir, options(text_data, hidden_dtype="bfloat16", hidden_cache_gb=cache_gb))
+    assert half.data.train_store.dtype == torch.bfloat16 and full.data.train_store.dtype == torch.float32
+    assert half.data.train_store.on_disk == full.data.train_store.on_disk == (cache_gb == 0)
+    for i in range(len(half.data.train_examples)):
+        assert torch.equal(half.data.train_store[i], full.data.train_store[i].to(torch.bfloat16))
+    batch = train.collate(half.data.train_examples, [0, 1], half.data.train_store, torch.device("cpu"))
+    assert batch.hidden.dtype == torch.float32
+    assert torch.equal(batch.hidden[0, :len(half.data.train_examples[0].ids)],
+                       full.data.train_store[0].to(torch.bfloat16).float())
+    train.train(half)
+    assert all(math.isfinite(r["loss"]) for r in half.history if "loss" in r)
+    for run in (full, half):
+        run.data.train_store.close()
+    with pytest.raises(MtpkitError, match="--hidden-dtype"):
+        options(text_data, hidden_dtype="float16")
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_model_dirs, tmp_path, text_data):

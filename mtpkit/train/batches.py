@@ -30,7 +30,7 @@ def collate(examples: list[TokenizedExample], indices: list[int], store: HiddenS
     attention = torch.zeros((len(indices), width), dtype=torch.long)
     hidden = None
     if store is not None:
-        hidden = torch.zeros((len(indices), width, store.hidden_size), dtype=store.dtype)
+        hidden = torch.zeros((len(indices), width, store.hidden_size), dtype=store.read_dtype)
     for row, i in enumerate(indices):
         example = examples[i]
         n = len(example.ids)

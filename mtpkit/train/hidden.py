@@ -2,8 +2,9 @@
 memory-mapped on disk beyond a budget. Each process computes those of its own shard only.
 
 eagle3 heads read three layers' hidden states instead (``layer_ids``), side by side: three times the memory
-or disk of the final state, 3 x H x (2 bytes in bfloat16, 4 in float32) per token, e.g. 3 x 576 x 2 = 3.4 kB
-per token for SmolLM2-135M in bfloat16 (3.4 GB per million tokens), 24 kB for a 4096-wide base.
+or disk of the final state, 3 x H x (2 bytes in bfloat16, 4 in float32) per token, e.g. 3 x 576 x 4 = 6.9 kB
+per token for SmolLM2-135M in float32 (4.0 GB for the shipped corpus's 585k tokens), half that with
+``--hidden-dtype bfloat16``, 24 kB per token for a 4096-wide base in bfloat16.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ class HiddenStore:
     """Final hidden states of the sequences one process trains on, computed once, in memory or memory-mapped."""
 
     def __init__(self, tensors: list[torch.Tensor] | None = None, path: Path | None = None,
-                 offsets: dict[int, tuple[int, int]] | None = None, hidden_size: int = 0, dtype=torch.float32):
+                 offsets: dict[int, tuple[int, int]] | None = None, hidden_size: int = 0, dtype=torch.float32,
+                 read_dtype=None):
         self.tensors, self.path, self.offsets = tensors, path, offsets
-        self.hidden_size, self.dtype = hidden_size, dtype
+        self.hidden_size, self.dtype = hidden_size, dtype  # ``dtype``: as kept
+        self.read_dtype = read_dtype or dtype  # as the heads read them (the base's: kept in bfloat16, read back up)
         self._mapped = None
 
     def __getitem__(self, index: int) -> torch.Tensor:
@@ -58,10 +61,11 @@ class HiddenStore:
 @torch.no_grad()
 def compute_hidden(backbone: Backbone, examples: list[TokenizedExample], budget_bytes: float,
                    on_batch: Callable[[int, int], None] | None = None, indices: list[int] | None = None,
-                   layer_ids: list[int] | None = None) -> HiddenStore:
+                   layer_ids: list[int] | None = None, dtype: torch.dtype | None = None) -> HiddenStore:
     """Run the frozen base once over the sequences ``indices`` (all: None), longest first, right-padded batches;
-    keep its final hidden states, or the input hidden states of ``layer_ids`` side by side (eagle3's features)."""
-    hidden_size, dtype = backbone.hidden_size * (len(layer_ids) if layer_ids else 1), backbone.dtype
+    keep its final hidden states, or the input hidden states of ``layer_ids`` side by side (eagle3's features), in
+    ``dtype`` (default: the base's)."""
+    hidden_size, dtype = backbone.hidden_size * (len(layer_ids) if layer_ids else 1), dtype or backbone.dtype
     element = torch.empty((), dtype=dtype).element_size()
     wanted = range(len(examples)) if indices is None else indices
     total = sum(len(examples[i].ids) for i in wanted) * hidden_size * element
@@ -99,6 +103,6 @@ def compute_hidden(backbone: Backbone, examples: list[TokenizedExample], budget_
         if on_batch:
             on_batch(done, len(order))
     if in_memory:
-        return HiddenStore(tensors=tensors, hidden_size=hidden_size, dtype=dtype)
+        return HiddenStore(tensors=tensors, hidden_size=hidden_size, dtype=dtype, read_dtype=backbone.dtype)
     handle.close()
-    return HiddenStore(path=path, offsets=offsets, hidden_size=hidden_size, dtype=dtype)
+    return HiddenStore(path=path, offsets=offsets, hidden_size=hidden_size, dtype=dtype, read_dtype=backbone.dtype)

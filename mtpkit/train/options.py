@@ -16,6 +16,7 @@ LOSSES = ("ce", "distill", "tv")
 TRAIN_VOCABS = ("data", "full")
 HEAD_WEIGHTS = ("uniform", "linear", "exponential", "primary-aux")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+HIDDEN_DTYPES = ("base", "bfloat16")  # what cached hidden states are kept in
 
 
 def option(default: Any = None, help: str = "", *, flag: str | None = None, recipe: bool = True,
@@ -73,6 +74,9 @@ class FinetuneOptions:
     warmup_ratio: float = option(0.05, "Fraction of the steps spent warming the learning rate up.")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0: no clipping).")
+    hidden_dtype: str = option("base", "Keep the cached hidden states in the base's dtype (base) or in bfloat16: half "
+                                       "the memory and disk, each value rounded to 8 significant bits (the heads "
+                                       "still read and train in the base's dtype).")
     hidden_cache_gb: float = option(4.0, "Hold the cached hidden states in memory up to this many GB, beyond it "
                                          "memory-map them from disk.")
     lora_rank: int = option(8, "Rank of the --lora adapter.")
@@ -96,6 +100,8 @@ class FinetuneOptions:
             raise MtpkitError(f"--loss must be one of {', '.join(LOSSES)} (got {self.loss!r})")
         if self.train_vocab not in TRAIN_VOCABS:
             raise MtpkitError(f"--train-vocab must be one of {', '.join(TRAIN_VOCABS)} (got {self.train_vocab!r})")
+        if self.hidden_dtype not in HIDDEN_DTYPES:
+            raise MtpkitError(f"--hidden-dtype must be one of {', '.join(HIDDEN_DTYPES)} (got {self.hidden_dtype!r})")
         if self.mixed_precision not in MIXED_PRECISION:
             raise MtpkitError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)} (got {self.mixed_precision!r})")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "distill_max_new_tokens", "lora_rank"):

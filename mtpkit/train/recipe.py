@@ -134,7 +134,9 @@ class Run:
         return {"batch_size": o.batch_size, "grad_accum": o.grad_accum, "total_steps": self.total_steps,
                 "lr": o.lr, "loss": o.loss, "weights": self.weights, "seed": o.seed, "lora": o.lora,
                 "train_vocab": o.train_vocab, "feature_loss": o.feature_loss, "teacher_forcing": o.teacher_forcing,
-                "data": data_fingerprint(self.data.train_examples), "processes": self.accelerator.num_processes}
+                "data": data_fingerprint(self.data.train_examples), "processes": self.accelerator.num_processes,
+                # only where it departs from the default: checkpoints written before the option resume as they were
+                **({"hidden_dtype": o.hidden_dtype} if o.hidden_dtype != "base" else {})}
 
 
 def _on_cpu_only() -> bool:
@@ -280,11 +282,12 @@ def _setup_data(backbone: Backbone, options: FinetuneOptions, accelerator, callb
     if not options.lora:  # the base is frozen: its hidden states are the same in every epoch
         tick = time.perf_counter()
         budget = options.hidden_cache_gb * (1 << 30)
+        kept = torch.bfloat16 if options.hidden_dtype == "bfloat16" else None
         train_store = compute_hidden(backbone, train_examples, budget,
                                      lambda d, t: callbacks.report("caching hidden states", d, t), train_shard,
-                                     layer_ids=feature_layers)
+                                     layer_ids=feature_layers, dtype=kept)
         eval_store = compute_hidden(backbone, eval_examples, budget, indices=eval_shard,
-                                    layer_ids=feature_layers) if eval_shard else None
+                                    layer_ids=feature_layers, dtype=kept) if eval_shard else None
         timings["hidden_s"] = time.perf_counter() - tick
 
     vocab = None
@@ -558,6 +561,7 @@ def save(run: Run, wall_seconds: float) -> list[Path]:
         "head_weights": options.head_weights, "weights": run.weights, "lora": options.lora,
         "mixed_precision": options.mixed_precision, "dtype": options.dtype, "seed": options.seed,
         "eval_fraction": options.eval_fraction, "max_examples": options.max_examples,
+        "hidden_dtype": options.hidden_dtype,
         "processes": run.accelerator.num_processes, "sequences_per_process": run.sequences_per_process,
         "wall_seconds": round(wall_seconds, 1), "timings": {k: round(v, 1) for k, v in run.timings.items()},
         "peak_step_rss_mb": run.peak_step_rss_mb, "mtpkit_version": __version__,
