@@ -22,8 +22,11 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m 'not slow'
 
+# The demo's heads: of the shipped styles, the one with the larger speculation gain on MT-Bench (README, "Measured
+# on this machine"); `make demo DEMO_HEADS=mtpkit/trained/smollm2-135m-eagle3` runs the other.
+DEMO_HEADS ?= mtpkit/trained/smollm2-135m-sequential
 demo: setup
-	$(BIN)/mtpkit bench mtpkit/trained/smollm2-135m-sequential --prompts mt-bench --limit 8 --max-new-tokens 128 \
+	$(BIN)/mtpkit bench $(DEMO_HEADS) --prompts mt-bench --limit 8 --max-new-tokens 128 \
 		--json out/demo/bench.json --markdown out/demo/bench.md --plot out/demo/bench.png
 
 # The self-distilled corpus the default heads train on (prompts: the built-in train split, 1,500 prompts the

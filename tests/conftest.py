@@ -82,6 +82,17 @@ def tiny_model_dirs(tmp_path_factory, tiny_tokenizer):
     return dirs
 
 
+@pytest.fixture(scope="module")
+def heads_dir(tiny_model_dirs, tmp_path_factory):
+    """Freshly attached sequential heads (3, random weights) on the tiny Llama, one directory per test module (a
+    module may override it with heads of its own)."""
+    from mtpkit.attach import attach
+
+    out = tmp_path_factory.mktemp("heads")
+    attach(str(tiny_model_dirs["llama"]), "sequential", 3, 1, out)
+    return out
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def family(request):
     return request.param

@@ -40,9 +40,13 @@ def test_attach_to_default_model(tmp_path, style, monkeypatch):
     assert backbone.tokenizer.decode(base[0, -1].argmax()).strip() == "Paris"
 
 
+SHIPPED_HEADS = ("smollm2-135m-sequential", "smollm2-135m-eagle3")
+
+
 @pytest.mark.slow
-def test_shipped_heads_decode_exactly_and_accept_drafts(monkeypatch):
-    """The shipped trained heads on the real model, on the kernels measured for this machine: chain, tree and
+@pytest.mark.parametrize("shipped", SHIPPED_HEADS)
+def test_shipped_heads_decode_exactly_and_accept_drafts(monkeypatch, shipped):
+    """Each shipped heads directory on the real model, on the kernels measured for this machine: chain, tree and
     hybrid speculative output == plain greedy for 256 tokens (MT-Bench prompts, which nothing was tuned on),
     with more than one token per step."""
     from pathlib import Path
@@ -54,8 +58,7 @@ def test_shipped_heads_decode_exactly_and_accept_drafts(monkeypatch):
     from mtpkit.prompts import load_mt_bench
 
     monkeypatch.delenv("MTPKIT_CACHE", raising=False)
-    trained = Path(__file__).resolve().parents[1] / "mtpkit" / "trained"
-    heads_dir = next(d for d in sorted(trained.iterdir()) if (d / "mtp_config.json").is_file())
+    heads_dir = Path(__file__).resolve().parents[1] / "mtpkit" / "trained" / shipped
     heads = open_heads(heads_dir)
     use_measured_kernels(heads.backbone, heads)
     decoders = {"chain": SpeculativeDecoder(heads, "chain"),

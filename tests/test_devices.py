@@ -20,15 +20,6 @@ runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def heads_dir(tiny_model_dirs, tmp_path_factory):
-    from mtpkit.attach import attach
-
-    out = tmp_path_factory.mktemp("heads")
-    attach(str(tiny_model_dirs["llama"]), "sequential", 3, 1, out)
-    return out
-
-
 @pytest.fixture
 def recorded_loads(monkeypatch):
     """Every load_backbone call's keyword arguments; the real loader still runs."""

@@ -25,15 +25,6 @@ def assert_one_line_error(result, fragment):
 
 
 @pytest.fixture(scope="module")
-def heads_dir(tiny_model_dirs, tmp_path_factory):
-    from mtpkit.attach import attach
-
-    out = tmp_path_factory.mktemp("heads")
-    attach(str(tiny_model_dirs["llama"]), "sequential", 3, 1, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def reference(heads_dir):
     """What plain greedy decoding writes for the two test prompts."""
     from mtpkit.checkpoint import open_heads

@@ -21,15 +21,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def heads_dir(tiny_model_dirs, tmp_path_factory):
-    from mtpkit.attach import attach
-
-    out = tmp_path_factory.mktemp("heads")
-    attach(str(tiny_model_dirs["llama"]), "sequential", 3, 1, out)
-    return out
-
-
 @pytest.fixture
 def prompts_file(tmp_path):
     path = tmp_path / "prompts.jsonl"

@@ -53,6 +53,7 @@ def compare_curves(curves: dict[str, list[dict]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     depths = max((len(p["head_top1"]) for curve in curves.values() for p in curve), default=0)
     if not depths:
@@ -63,8 +64,10 @@ def compare_curves(curves: dict[str, list[dict]], path: Path) -> Path:
             points = [p for p in curve if len(p["head_top1"]) > k]
             axis.plot([p["tokens"] for p in points], [p["head_top1"][k] for p in points], marker="o", label=name)
         axis.set(title=f"depth {k + 1}", xlabel="training tokens seen", ylim=(0, 1))
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:.0f}k"))
+        axis.locator_params(axis="x", nbins=4)
     axes[0][0].set(ylabel="held-out top-1")
-    axes[0][0].legend()
+    axes[0][0].legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
@@ -95,6 +98,12 @@ def main(heads_dirs: list[Path], png: Path, markdown: Path | None = None) -> Non
 def _curve_rows(curve: list[dict]) -> str:
     return "\n".join(f"| {p['tokens']:,} | {p['step']} | " + " | ".join(f"{a:.3f}" for a in p["head_top1"]) + " |"
                      for p in curve)
+
+
+def _output_layer(config: HeadsConfig) -> str:
+    if style_of(config.style).own_vocabulary:
+        return ""  # its description names its own output layer
+    return ", own output layers" if config.own_lm_head else ", sharing the base's output layer"
 
 
 def _shape(config: HeadsConfig) -> str:
@@ -132,7 +141,7 @@ Multi-token-prediction draft heads trained with mtpkit on the frozen base
 Head k predicts the token k + 1 positions ahead; the base verifies every draft, so greedy output
 is identical to the base's own.
 
-- style: {_shape(config)}, {"own output layers" if config.own_lm_head else "sharing the base's output layer"}
+- style: {_shape(config)}{_output_layer(config)}
 - LoRA on the base: {"yes (Medusa-2 style; the base's outputs change, adapter in `lora/`)" if config.lora else "no (the base is untouched)"}
 - data: {", ".join(t.get("data", []))} ({t.get("train_sequences")} training sequences{", responses self-distilled from the base" if t.get("self_distill") else ""})
 - training: {t.get("steps")} steps ({t.get("epochs")} epochs), lr {t.get("lr")}, batch {t.get("batch_size")} x {t.get("grad_accum")}, loss `{t.get("loss")}`{f' + feature regression x{t["feature_loss"]}' if t.get("feature_loss") else ''}{f', teacher forcing {t["teacher_forcing"]}' if t.get("teacher_forcing", 1.0) != 1.0 else ''}, head weights `{t.get("head_weights")}`
