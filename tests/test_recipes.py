@@ -74,7 +74,8 @@ def test_shipped_heads_were_trained_by_their_recipe():
         assert training["epochs"] == pytest.approx(recipe["epochs"])
         assert config["base_model"] == "smollm2-135m" and config["style"] in heads_dir.name
         assert len(training["eval"]["head_top1"]) == config["num_heads"]
-        assert (heads_dir / "heads.safetensors").stat().st_size < 32 * 2**20  # heads only, never the base
+        # heads only (eagle3's draft model with its own output layer: 15M parameters, 62 MB), never the 538 MB base
+        assert (heads_dir / "heads.safetensors").stat().st_size < 128 * 2**20
 
 
 def test_every_option_is_declared_once_and_reaches_the_cli_and_the_recipes():
