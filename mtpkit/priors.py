@@ -28,8 +28,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.files import atomic_write_text
 
 PRIOR_TRIALS = 16  # per bin: the prior weighs as this many trials at most
-PRIOR_PROMPTS = 32
-PRIOR_NEW_TOKENS = 128
+PRIOR_NEW_TOKENS = 128  # as `mtpkit calibrate` decodes by default (its --max-new-tokens)
 
 
 def heldout_prompts(heads, heads_dir: Path, limit: int, data: list[str] | None = None) -> list[list[int]]:
