@@ -95,6 +95,14 @@ class Backbone:
         return postprocess_logits(self.model.config, logits)
 
 
+def features_of(outputs, layer_ids: list[int] | None) -> torch.Tensor:
+    """The final hidden state of a base forward's ``outputs``, or its layers' ``layer_ids`` input hidden states
+    concatenated along the last dimension."""
+    if not layer_ids:
+        return outputs.last_hidden_state
+    return torch.cat([outputs.hidden_states[i] for i in layer_ids], dim=-1)
+
+
 def postprocess_logits(config, logits: torch.Tensor) -> torch.Tensor:
     """Apply the scaling/soft-capping that some families put after their output layer."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from mtpkit.backbone import Backbone
 from mtpkit.data import Example, prompt_ids
 from mtpkit.files import append_lines, cache_root
@@ -29,6 +31,16 @@ class DistillStats:
     seconds: float = 0.0
     new_tokens: int = 0
     degeneracy: Degeneracy | None = None  # empty and looping responses among all of them
+
+
+@dataclass
+class KeepStates:
+    """What self-distillation does with the hidden states generation computes for each sequence it writes:
+    which ones (``layer_ids``; None: the final ones), in which dtype, and ``put(prompt + response ids, states)``."""
+
+    put: Callable[[list[int], torch.Tensor], None]
+    layer_ids: list[int] | None = None
+    dtype: torch.dtype = torch.float32
 
 
 def cache_file(backbone: Backbone, max_new_tokens: int) -> Path:
@@ -52,16 +64,25 @@ def read_cache(path: Path) -> dict[str, list[int]]:
     return cached
 
 
-def generate_responses(backbone: Backbone, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of a batch of prompts (see ``generate``)."""
-    return generate(backbone, prompts, max_new_tokens).responses
+def generate_responses(backbone: Backbone, prompts: list[list[int]], max_new_tokens: int,
+                       keep: KeepStates | None = None) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts (see ``generate``), their states handed to ``keep``."""
+    if keep is None:
+        return generate(backbone, prompts, max_new_tokens).responses
+    made = generate(backbone, prompts, max_new_tokens, keep_hidden=True, layer_ids=keep.layer_ids,
+                    hidden_dtype=keep.dtype)
+    for prompt, response, states in zip(prompts, made.responses, made.hidden):
+        keep.put(prompt + response, states)
+    return made.responses
 
 
 def distill(backbone: Backbone, examples: list[Example], max_new_tokens: int, *, batch_size: int | None = None,
-            on_batch: Callable[[int, int], None] | None = None) -> tuple[list[list[int]], DistillStats]:
+            on_batch: Callable[[int, int], None] | None = None,
+            keep: KeepStates | None = None) -> tuple[list[list[int]], DistillStats]:
     """The base's own response (token ids) to every example's prompt, from the cache where possible.
 
-    ``on_batch(done, total)`` is called after each batch (a progress bar, say).
+    ``on_batch(done, total)`` is called after each batch (a progress bar, say); ``keep`` receives the hidden
+    states of every sequence generated now (not of those read from the cache).
     """
     import time
 
@@ -80,7 +101,7 @@ def distill(backbone: Backbone, examples: list[Example], max_new_tokens: int, *,
         on_batch(done, len(keys))
     for first in range(0, len(todo), batch_size):
         batch = todo[first: first + batch_size]
-        responses = generate_responses(backbone, [prompts[i] for i in batch], max_new_tokens)
+        responses = generate_responses(backbone, [prompts[i] for i in batch], max_new_tokens, keep)
         entries = [{"key": keys[i], "response": r} for i, r in zip(batch, responses)]
         append_lines(path, entries)
         for entry in entries:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtpkit.backbone import Backbone
+from mtpkit.backbone import Backbone, features_of
 from mtpkit.kv_cache import growing_cache
 
 CPU_BATCH_SIZE = 64  # measured on 2 cores: 114 tokens/s at 64 rows, 86 at 32; 96 rows were slower than 64
@@ -45,8 +45,9 @@ GREEDY = Sampler()
 
 @dataclass
 class Generated:
-    """What a batch generation returns: each prompt's new tokens and, when asked, the base's final hidden
-    states of every position of prompt + response ([len(prompt) + len(response), H], on the CPU)."""
+    """What a batch generation returns: each prompt's new tokens and, when asked, the base's hidden states of
+    every position of prompt + response ([len(prompt) + len(response), width], on the CPU): its final ones, or
+    the input states of the layers asked for side by side (``features_of``)."""
 
     responses: list[list[int]]
     hidden: list[torch.Tensor] | None = None
@@ -54,14 +55,16 @@ class Generated:
 
 @torch.no_grad()
 def generate(backbone: Backbone, prompts: list[list[int]], max_new_tokens: int, *, sampler: Sampler = GREEDY,
-             generator: torch.Generator | None = None, keep_hidden: bool = False, in_place: bool = True) -> Generated:
+             generator: torch.Generator | None = None, keep_hidden: bool = False,
+             layer_ids: list[int] | None = None, hidden_dtype: torch.dtype = torch.float32,
+             in_place: bool = True) -> Generated:
     """Continuations of a batch of prompts (token ids), left-padded, each cut after its end-of-sequence.
 
     A plain loop rather than ``generate``, on a cache that appends in place (``mtpkit.kv_cache``): a row
     that has finished leaves the batch (its cache rows are dropped), so the remaining rows stop paying for
-    it. With ``keep_hidden`` the decoder's hidden states are kept as they are computed, so training on these
-    sequences needs no second forward: a finished row stays for one more step to have its last token's state
-    computed too.
+    it. With ``keep_hidden`` the decoder's hidden states (of ``layer_ids``, or its final ones) are kept as they
+    are computed, in ``hidden_dtype``, so training on these sequences needs no second forward: a finished row
+    stays for one more step to have its last token's state computed too.
     """
     from transformers import DynamicCache
 
@@ -79,11 +82,14 @@ def generate(backbone: Backbone, prompts: list[list[int]], max_new_tokens: int, 
     # appending in place: a concatenating cache (transformers' own, ``in_place=False``, kept to measure against)
     # spends most of a batched step copying itself
     cache = growing_cache() if in_place else DynamicCache()
-    hidden = backbone.hidden(input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True).last_hidden_state
+    asked = {"output_hidden_states": True} if keep_hidden and layer_ids else {}
+    outputs = backbone.hidden(input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                              use_cache=True, **asked)
+    hidden = outputs.last_hidden_state
     kept: list[list[torch.Tensor]] | None = None
     if keep_hidden:
-        kept = [[hidden[row, width - len(ids):].float().cpu()] for row, ids in enumerate(prompts)]
+        features = features_of(outputs, layer_ids).to("cpu", hidden_dtype)
+        kept = [[features[row, width - len(ids):]] for row, ids in enumerate(prompts)]
     logits = backbone.logits(hidden[:, -1])
     responses: list[list[int]] = [[] for _ in prompts]
     rows = torch.arange(len(prompts), device=device)  # which prompt each live batch row belongs to
@@ -102,10 +108,11 @@ def generate(backbone: Backbone, prompts: list[list[int]], max_new_tokens: int, 
                 break
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         position = position + 1
-        hidden = backbone.hidden(token[:, None], attention_mask=mask, position_ids=position[:, None],
-                                 past_key_values=cache, use_cache=True).last_hidden_state
+        outputs = backbone.hidden(token[:, None], attention_mask=mask, position_ids=position[:, None],
+                                  past_key_values=cache, use_cache=True, **asked)
+        hidden = outputs.last_hidden_state
         if keep_hidden:
-            for row, state in zip(rows.tolist(), hidden[:, 0].float().cpu()):
+            for row, state in zip(rows.tolist(), features_of(outputs, layer_ids)[:, 0].to("cpu", hidden_dtype)):
                 kept[row].append(state[None])
             live = ~done
             rows, token, mask, position, hidden = _keep_rows(cache, live, rows, token, mask, position, hidden)

@@ -147,9 +147,9 @@ def test_self_distillation_is_cached_and_resumable(tiny_backbone, monkeypatch):
     calls = []
     real = distill_module.generate_responses
 
-    def counting_generate(backbone, prompts, max_new_tokens):
+    def counting_generate(backbone, prompts, max_new_tokens, keep=None):
         calls.append(len(prompts))
-        return real(backbone, prompts, max_new_tokens)
+        return real(backbone, prompts, max_new_tokens, keep)
 
     monkeypatch.setattr(distill_module, "generate_responses", counting_generate)
     first, stats = distill_module.distill(tiny_backbone, examples, max_new_tokens=6, batch_size=2)

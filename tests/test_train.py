@@ -124,10 +124,15 @@ def test_train_vocab_holds_the_tokens_of_the_data():
     assert vocab.position.tolist() == [-1, -1, 0, -1, -1, 1, -1, -1, -1, 2, -1, -1]
 
 
-def test_evaluate_matches_a_hand_count(tiny_model_dirs, tmp_path, text_data):
-    """Fresh Medusa heads reproduce the base, so head k's top-1 is how often argmax base(t) == token t+k+1."""
+def test_evaluate_matches_a_hand_count(tiny_model_dirs, tmp_path, monkeypatch):
+    """Fresh Medusa heads reproduce the base, so head k's top-1 is how often argmax base(t) == token t+k+1. On
+    the base's own greedy responses the heads' hits are correlated, so the chain's count is not what the
+    product of their accuracies implies."""
+    monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n" for w in CORPUS[0].split()))
     heads_dir = make_heads(tiny_model_dirs, tmp_path, num_heads=2)
-    run = train.setup(heads_dir, options(text_data))
+    run = train.setup(heads_dir, options(prompts, eval_fraction=0.5, distill_max_new_tokens=24))
     result = train.evaluate(run.heads, run.data.eval_examples, run.data.eval_store, 3, torch.device("cpu"))
     backbone = run.heads.backbone
     for k in (1, 2):
@@ -149,6 +154,21 @@ def test_evaluate_matches_a_hand_count(tiny_model_dirs, tmp_path, text_data):
     assert len(accuracy) == 2 and all(len(row) == 10 for row in accuracy)
     assert all(row == sorted(row) for row in accuracy)
     assert result["expected_chain_tokens"] == pytest.approx(train.chain_tokens(result["head_top1"]), abs=1e-3)
+    # the chain: at every position head 1 scores, 1 + how many heads from the first on were right in a row
+    accepted = positions = 0
+    for example in run.data.eval_examples:
+        ids = torch.tensor([example.ids])
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[0, max(example.loss_start, 1):] = True
+        with torch.no_grad():
+            argmax = backbone.model(input_ids=ids).logits[0].argmax(-1)
+        right = [dict(zip(*[v.tolist() for v in (valid[0].nonzero().flatten(), argmax[valid[0]] == labels[0, valid[0]])]))
+                 for labels, valid in (targets.head_targets(ids, k, mask) for k in (1, 2))]
+        for t in right[0]:
+            positions += 1
+            accepted += 1 + int(right[0][t]) + int(right[0][t] and right[1].get(t, False))
+    assert result["chain_accepted"] == pytest.approx(accepted / positions, abs=1e-4)
+    assert abs(result["chain_accepted"] - result["expected_chain_tokens"]) > 0.005  # 1.053 against 1.044 here
 
 
 def test_finetune_writes_the_heads_dir_contract(tiny_model_dirs, tmp_path, text_data):
@@ -156,7 +176,8 @@ def test_finetune_writes_the_heads_dir_contract(tiny_model_dirs, tmp_path, text_
     result = train.finetune(heads_dir, options(text_data, loss="distill", eval_every=3, save_every=2))
     config = HeadsConfig.read(heads_dir)
     evaluation = config.training["eval"]
-    assert set(evaluation) == {"head_top1", "head_top5", "head_topk_accuracy", "expected_chain_tokens", "examples"}
+    assert set(evaluation) == {"head_top1", "head_top5", "head_topk_accuracy", "expected_chain_tokens",
+                               "chain_accepted", "examples"}
     assert len(evaluation["head_topk_accuracy"]) == 3 and all(len(r) == 10 for r in evaluation["head_topk_accuracy"])
     assert evaluation["head_top1"] == [row[0] for row in evaluation["head_topk_accuracy"]]
     assert evaluation["head_top5"] == [row[4] for row in evaluation["head_topk_accuracy"]]
@@ -178,8 +199,8 @@ def test_finetune_writes_the_heads_dir_contract(tiny_model_dirs, tmp_path, text_
     seen = [r["tokens"] for r in records if "loss" in r]
     assert all(0 < a < b for a, b in zip(seen, seen[1:]))  # every step learns from new tokens
     assert [r["tokens"] for r in records if "eval" in r] == [seen[2], seen[5]]  # evaluated after steps 3 and 6
-    assert training["learning_curve"] == [{"step": r["step"], "tokens": r["tokens"], "head_top1": r["eval"]["head_top1"]}
-                                          for r in records if "eval" in r]
+    assert training["learning_curve"] == [{"step": r["step"], "tokens": r["tokens"], "head_top1": r["eval"]["head_top1"],
+                                           "chain_accepted": r["eval"]["chain_accepted"]} for r in records if "eval" in r]
     card = (heads_dir / "README.md").read_text()
     assert f"| {seen[5]:,} | 6 | " + " | ".join(f"{a:.3f}" for a in evaluation["head_top1"]) + " |" in card
     assert "mtpkit generate <this directory> --prompt" in (heads_dir / "README.md").read_text()
@@ -458,6 +479,11 @@ def test_learning_curves_of_two_runs_compare_in_one_png_and_one_table(tmp_path):
     assert table[0] == "| run | training tokens | depth 1 top-1 | depth 2 top-1 |"
     assert table[2:] == ["| sequential | 1,000 | 0.300 | 0.200 |", "| sequential | 2,000 | 0.400 | 0.250 |",
                          "| eagle3 | 1,000 | 0.500 | 0.450 |"]
+    curves["sequential"][1]["chain_accepted"] = 1.61  # recorded by newer runs only
+    table = curves_table(curves).splitlines()
+    assert table[0].endswith("| depth 2 top-1 | chain accepts |") and table[1] == "|---|---|---|---|---|"
+    assert table[2:] == ["| sequential | 1,000 | 0.300 | 0.200 | n/a |", "| sequential | 2,000 | 0.400 | 0.250 | 1.610 |",
+                         "| eagle3 | 1,000 | 0.500 | 0.450 | n/a |"]
     png = compare_curves(curves, tmp_path / "curves.png")
     width, height = Image.open(png).size
     assert width == 640 and height == 340  # one panel per depth, 3.2 x 3.4 inches at 100 dpi
@@ -474,7 +500,7 @@ def test_learning_curves_of_two_runs_compare_in_one_png_and_one_table(tmp_path):
                            str(tmp_path / "both.md")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "both.png").stat().st_size > 0
-    assert "| eagle3 (eagle3) | 1,000 | 0.500 | 0.450 |" in (tmp_path / "both.md").read_text()
+    assert "| eagle3 (eagle3) | 1,000 | 0.500 | 0.450 | n/a |" in (tmp_path / "both.md").read_text()
     done = subprocess.run([sys.executable, "-m", "mtpkit.train.card", str(tmp_path / "nowhere"), "--png",
                            str(tmp_path / "x.png")], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith("error:") and "Traceback" not in done.stderr

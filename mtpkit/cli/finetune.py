@@ -140,6 +140,10 @@ def render(result) -> None:
     summary.add_row("sequences", f"{result.train_sequences} train, {result.eval_sequences} held out")
     if result.distill is not None:
         summary.add_row("self-distillation", f"{result.distill.generated} generated, {result.distill.cached} from cache")
+    hidden = config.training.get("hidden_states") or {}
+    if hidden.get("from_generation"):
+        summary.add_row("hidden states", f"{hidden['from_generation']} kept from generation, "
+                                         f"{hidden['computed']} computed")
     summary.add_row("steps", f"{result.steps} ({result.epochs} epochs)")
     timings = ", ".join(f"{name[:-2]} {seconds:.0f}s" for name, seconds in result.timings.items())
     summary.add_row("wall time", timings)
@@ -156,6 +160,6 @@ def render(result) -> None:
         for k, (top1, top5, topk, head_loss) in enumerate(zip(result.eval["head_top1"], result.eval["head_top5"],
                                                               result.eval["head_topk_accuracy"], result.eval["head_loss"]), 1):
             table.add_row(str(k), f"{top1:.3f}", f"{top5:.3f}", f"{topk[-1]:.3f}", f"{head_loss:.3f}")
-        table.caption = f"expected tokens per step for a chain of {len(result.eval['head_top1'])} heads: " \
-                        f"{result.eval['expected_chain_tokens']:.2f}"
+        table.caption = f"tokens per step a greedy chain of {len(result.eval['head_top1'])} heads accepts: " \
+                        f"{result.eval['chain_accepted']:.2f}"
         console.print(table)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtpkit.backbone import Backbone
+from mtpkit.backbone import Backbone, features_of
 from mtpkit.config import HeadsConfig
 from mtpkit.draft_layer import DraftCache
 from mtpkit.errors import MtpkitError
@@ -211,14 +211,6 @@ class DraftHeads(nn.Module):
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-
-def features_of(outputs, layer_ids: list[int] | None) -> torch.Tensor:
-    """The final hidden state of a base forward's ``outputs``, or its layers' ``layer_ids`` input hidden states
-    concatenated along the last dimension."""
-    if not layer_ids:
-        return outputs.last_hidden_state
-    return torch.cat([outputs.hidden_states[i] for i in layer_ids], dim=-1)
 
 
 def build_heads(config: HeadsConfig, backbone: Backbone) -> DraftHeads:

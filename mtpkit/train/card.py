@@ -41,8 +41,10 @@ def plot_history(history: list[dict], path: Path) -> Path | None:
 
 
 def learning_curve(history: list[dict]) -> list[dict]:
-    """Held-out top-1 per head at each evaluation, against the training tokens seen by then."""
-    return [{"step": r["step"], "tokens": r["tokens"], "head_top1": r["eval"]["head_top1"]}
+    """Held-out top-1 per head (and the tokens a chain of them accepts) at each evaluation, against the training
+    tokens seen by then."""
+    return [{"step": r["step"], "tokens": r["tokens"], "head_top1": r["eval"]["head_top1"],
+             **({"chain_accepted": r["eval"]["chain_accepted"]} if "chain_accepted" in r["eval"] else {})}
             for r in history if "eval" in r and "tokens" in r]
 
 
@@ -75,12 +77,16 @@ def compare_curves(curves: dict[str, list[dict]], path: Path) -> Path:
 
 
 def curves_table(curves: dict[str, list[dict]]) -> str:
-    """The same curves as one Markdown table: a row per (run, evaluation)."""
+    """The same curves as one Markdown table: a row per (run, evaluation), with the tokens per step a greedy chain
+    of the heads accepts where the run recorded it."""
     depths = max((len(p["head_top1"]) for curve in curves.values() for p in curve), default=0)
-    header = "| run | training tokens | " + " | ".join(f"depth {k} top-1" for k in range(1, depths + 1)) + " |"
-    rows = [f"| {name} | {p['tokens']:,} | " + " | ".join(f"{a:.3f}" for a in p["head_top1"]) + " |"
+    chain = any("chain_accepted" in p for curve in curves.values() for p in curve)  # recorded since 2026-11-30
+    header = "| run | training tokens | " + " | ".join(f"depth {k} top-1" for k in range(1, depths + 1)) + " |" + \
+        (" chain accepts |" if chain else "")
+    rows = [f"| {name} | {p['tokens']:,} | " + " | ".join(f"{a:.3f}" for a in p["head_top1"]) + " |" +
+            (f" {p['chain_accepted']:.3f} |" if "chain_accepted" in p else " n/a |" if chain else "")
             for name, curve in curves.items() for p in curve]
-    return "\n".join([header, "|---|---|" + "---|" * depths, *rows]) + "\n"
+    return "\n".join([header, "|---|---|" + "---|" * (depths + chain), *rows]) + "\n"
 
 
 def main(heads_dirs: list[Path], png: Path, markdown: Path | None = None) -> None:
@@ -153,7 +159,8 @@ is identical to the base's own.
 |---|---|---|
 {rows}
 
-Expected tokens per step for a chain of all heads: {evaluation.get("expected_chain_tokens", "n/a")}
+Tokens per step a greedy chain of all heads accepts on them: {evaluation.get("chain_accepted", "n/a")} (the heads'
+top-1 multiplied as if independent: {evaluation.get("expected_chain_tokens", "n/a")})
 {_curve_section(t.get("learning_curve", []), config.num_heads)}
 ## Use
 

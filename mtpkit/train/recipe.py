@@ -30,7 +30,7 @@ from mtpkit.backbone import Backbone, load_backbone
 from mtpkit.checkpoint import check_compatible, load_heads, save_heads
 from mtpkit.config import CARD_NAME, CHECKPOINT_DIR, CORPUS_NAME, LORA_DIR, METRICS_NAME, HeadsConfig
 from mtpkit.data import Dataset, TokenizedExample, data_fingerprint, load_data, tokenize_all
-from mtpkit.distill import DistillStats, distill
+from mtpkit.distill import DistillStats, KeepStates, distill
 from mtpkit.generation import eos_ids
 from mtpkit.errors import MtpkitError
 from mtpkit.files import atomic_write_text, cache_root
@@ -41,7 +41,7 @@ from mtpkit.train.batches import (Batch, TrainVocab, collate, draft_vocab, draft
 from mtpkit.train.card import PLOT_NAME, learning_curve, model_card, plot_history
 from mtpkit.train.checkpoints import CHECKPOINT_FILE, checkpoint_step, load_checkpoint, save_checkpoint
 from mtpkit.train.evaluation import eval_counts, eval_summary
-from mtpkit.train.hidden import HiddenStore, compute_hidden
+from mtpkit.train.hidden import HiddenStore, Slot, StateStorage, compute_hidden, sequence_key
 from mtpkit.train.losses import TrainedModel, backward_heads, draft_seed
 from mtpkit.train.options import FinetuneOptions, parse_head_weights
 
@@ -80,6 +80,12 @@ class _Data:
     vocab: TrainVocab | None
     self_distill: bool
     distill_stats: DistillStats | None
+
+    def hidden_sources(self) -> dict[str, int]:
+        """This process's sequences whose hidden states its base computed, and those kept from generation."""
+        stores = [s for s in (self.train_store, self.eval_store) if s is not None]
+        computed = sum(s.computed for s in stores)
+        return {"computed": computed, "from_generation": sum(len(s) for s in stores) - computed}
 
     def sequences_per_process(self) -> dict[str, list[int]]:
         """How many sequences each process trains on and evaluates (the hidden states it computed, if any)."""
@@ -245,7 +251,8 @@ def _setup_data(backbone: Backbone, options: FinetuneOptions, accelerator, callb
                 timings: dict[str, float], feature_layers: list[int] | None = None) -> _Data:
     """Load and split the data (after the base: ``self:N`` sources are prompts the base writes itself),
     self-distil where needed (the main process first, the others read its cache), tokenize, and cache the
-    hidden states of this process's shard when the base is frozen."""
+    hidden states of this process's shard when the base is frozen: those generation just computed are kept
+    (single process), the base runs over the rest."""
     world, rank = accelerator.num_processes, accelerator.process_index
     dataset = load_data(options.data, max_examples=options.max_examples, eval_fraction=options.eval_fraction,
                         seed=options.seed, cache_dir=cache_root() / "datasets", backbone=backbone)
@@ -255,13 +262,26 @@ def _setup_data(backbone: Backbone, options: FinetuneOptions, accelerator, callb
         raise MtpkitError("the data has prompt-only records, which need --self-distill (the base writes the responses)")
     distill_stats = None
     tokenizer = backbone.tokenizer
+    frozen = not options.lora  # the base's hidden states are the same in every epoch: computed once
+    kept_dtype = torch.bfloat16 if options.hidden_dtype == "bfloat16" else backbone.dtype
+    width = backbone.hidden_size * (len(feature_layers) if feature_layers else 1)
+    storage = StateStorage(options.hidden_cache_gb * (1 << 30), width, kept_dtype) if frozen else None
+    kept: dict[str, Slot] = {}
     if self_distill:
         tick = time.perf_counter()
+        keep = None
+        if frozen and world == 1:  # under several processes the main one generates all, the others compute theirs
+
+            def put(ids: list[int], states: torch.Tensor) -> None:
+                ids = ids[: options.max_length]  # as ``tokenize`` cuts the sequence
+                kept[sequence_key(ids)] = storage.put(states[: len(ids)])
+
+            keep = KeepStates(put, feature_layers, kept_dtype)
         with accelerator.main_process_first():  # the main process generates, the others read its cache
             examples = [e for e in dataset.train + dataset.eval if e.text is None]
             responses, distill_stats = distill(
                 backbone, examples, options.distill_max_new_tokens, batch_size=options.distill_batch_size,
-                on_batch=lambda done, total: callbacks.report("self-distilling", done, total))
+                on_batch=lambda done, total: callbacks.report("self-distilling", done, total), keep=keep)
         by_id = {id(e): r for e, r in zip(examples, responses)}
         train_examples = tokenize_all(tokenizer, dataset.train, options.max_length, [by_id.get(id(e)) for e in dataset.train])
         eval_examples = tokenize_all(tokenizer, dataset.eval, options.max_length, [by_id.get(id(e)) for e in dataset.eval])
@@ -279,15 +299,13 @@ def _setup_data(backbone: Backbone, options: FinetuneOptions, accelerator, callb
     eval_shard = list(range(rank, len(eval_examples), world))
 
     train_store = eval_store = None
-    if not options.lora:  # the base is frozen: its hidden states are the same in every epoch
+    if frozen:
         tick = time.perf_counter()
-        budget = options.hidden_cache_gb * (1 << 30)
-        kept = torch.bfloat16 if options.hidden_dtype == "bfloat16" else None
-        train_store = compute_hidden(backbone, train_examples, budget,
+        train_store = compute_hidden(backbone, train_examples, storage,
                                      lambda d, t: callbacks.report("caching hidden states", d, t), train_shard,
-                                     layer_ids=feature_layers, dtype=kept)
-        eval_store = compute_hidden(backbone, eval_examples, budget, indices=eval_shard,
-                                    layer_ids=feature_layers, dtype=kept) if eval_shard else None
+                                     layer_ids=feature_layers, kept=kept)
+        eval_store = compute_hidden(backbone, eval_examples, storage, indices=eval_shard,
+                                    layer_ids=feature_layers, kept=kept) if eval_shard else None
         timings["hidden_s"] = time.perf_counter() - tick
 
     vocab = None
@@ -526,7 +544,7 @@ def _log_eval(run: Run, callbacks: Callbacks) -> dict:
     run.history.append(record)
     _append_metrics(run, record)
     callbacks.say(f"step {run.step}: eval top-1 per head {result['head_top1']}, "
-                  f"expected chain tokens {result['expected_chain_tokens']}")
+                  f"chain accepts {result['chain_accepted']} tokens per step")
     return result
 
 
@@ -561,14 +579,15 @@ def save(run: Run, wall_seconds: float) -> list[Path]:
         "head_weights": options.head_weights, "weights": run.weights, "lora": options.lora,
         "mixed_precision": options.mixed_precision, "dtype": options.dtype, "seed": options.seed,
         "eval_fraction": options.eval_fraction, "max_examples": options.max_examples,
-        "hidden_dtype": options.hidden_dtype,
+        "hidden_dtype": options.hidden_dtype, "hidden_states": run.data.hidden_sources(),
         "processes": run.accelerator.num_processes, "sequences_per_process": run.sequences_per_process,
         "wall_seconds": round(wall_seconds, 1), "timings": {k: round(v, 1) for k, v in run.timings.items()},
         "peak_step_rss_mb": run.peak_step_rss_mb, "mtpkit_version": __version__,
     }
     if run.final_eval is not None:
         config.training["eval"] = {k: run.final_eval[k] for k in
-                                   ("head_top1", "head_top5", "head_topk_accuracy", "expected_chain_tokens", "examples")}
+                                   ("head_top1", "head_top5", "head_topk_accuracy", "expected_chain_tokens",
+                                    "chain_accepted", "examples")}
     config.training["learning_curve"] = learning_curve(run.history)
     if not heads.has_draft_head:  # eagle3's was chosen before training: its lm_head is trained over it
         heads.set_draft_vocab(draft_vocab(run.data.train_examples))
