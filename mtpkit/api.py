@@ -38,17 +38,17 @@ def load(heads_dir, *, device: str | None = None, dtype: str | None = None, draf
     """Load a heads directory's base (or ``model``, which must be the same base) and heads.
 
     ``draft`` and ``tree`` are ``mtpkit generate``'s ``--draft`` and ``--tree``. ``fast_kernels`` switches the base's
-    linear layers to mtpkit's small-row kernels (float32 on a CPU; the same results up to summation order), so it is
-    off by default: ``spec.model`` stays the model transformers loaded.
+    and the heads' linear layers to the layouts measured fastest on whole forwards on this machine (measured once,
+    then cached; float32 on a CPU; the same results up to summation order), so it is off by default: ``spec.model``
+    stays the model transformers loaded.
     """
     check_draft(draft)
     heads = open_heads(Path(heads_dir), model=model, dtype=dtype or "float32", device=device,
                        trust_remote_code=trust_remote_code)
-    if fast_kernels:
-        from mtpkit.kernels import enable_fast_kernels
+    if fast_kernels:  # the layouts measured fastest on whole forwards here, as ``mtpkit generate`` runs
+        from mtpkit.kernels import use_measured_kernels
 
-        enable_fast_kernels(heads.backbone.model)
-        enable_fast_kernels(heads)
+        use_measured_kernels(heads.backbone, heads)
     return Speculator(heads=heads, heads_dir=Path(heads_dir), draft=draft, tree=tree)
 
 

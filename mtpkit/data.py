@@ -2,8 +2,8 @@
 
 A ``--data`` source is a local file (.jsonl, .json, .parquet, .csv, .txt), a Hugging Face
 Hub dataset name, ``builtin:prompts`` (the TRAIN split of mtpkit's own prompts; the
-held-out split is for benchmarks and never read here) or ``builtin:gsm8k`` (1,200 GSM8K
-training questions, MIT). Each record is recognised as one of
+held-out split is for benchmarks and never read here), ``builtin:gsm8k`` (1,200 GSM8K
+training questions, MIT) or ``builtin:gpteacher`` (2,000 GPTeacher code and role-play instructions, MIT). Each record is recognised as one of
 
 - ``chat``: ``messages`` / ``conversations``, turns with role/content or from/value;
 - ``instruction``: ``instruction`` (+ ``input``) and ``output``;
@@ -33,7 +33,8 @@ from mtpkit.chat import has_chat_template, prompt_token_ids, render_prompt
 from mtpkit.errors import MtpkitError
 
 BUILTIN_PROMPTS = "builtin:prompts"
-BUILTIN_SETS = {"builtin:gsm8k": "gsm8k_train"}  # shipped training prompt files (mtpkit/prompts/SOURCES.md)
+# shipped training prompt files (mtpkit/prompts/SOURCES.md), and the key that holds each one's prompt
+BUILTIN_SETS = {"builtin:gsm8k": ("gsm8k_train", "question"), "builtin:gpteacher": ("gpteacher_train", "prompt")}
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 SELF_PROMPTS = "self:"
 SHAPES = ("chat", "instruction", "qa", "text", "prompt", "tokens")
@@ -119,7 +120,8 @@ def _stored_rows(source: str, cache_dir: Path | None) -> list[dict]:
     if source in BUILTIN_SETS:
         from mtpkit.prompts import load_training_set
 
-        return [{"question": r["question"]} for r in load_training_set(BUILTIN_SETS[source])]
+        name, key = BUILTIN_SETS[source]
+        return [{key: r[key]} for r in load_training_set(name)]
     if source.startswith("builtin:"):
         raise MtpkitError(f"unknown built-in data {source!r}: choose {', '.join([BUILTIN_PROMPTS, *BUILTIN_SETS])}")
 

@@ -26,6 +26,7 @@ from mtpkit.decoding import HeadsDrafter, PlainDecoder, SpeculativeDecoder, reso
 from mtpkit.drafting.base import Drafter
 from mtpkit.drafting.calibrator import ConfidenceCalibrator
 from mtpkit.drafting.registry import SOURCES, DraftContext, check_draft
+from mtpkit.drafting.recycle import RecycleDrafter, successor_table
 from mtpkit.drafting.suffix import SuffixDrafter, SuffixIndex
 from mtpkit.errors import MtpkitError
 from mtpkit.files import cache_root
@@ -61,20 +62,39 @@ def corpus_index(path: Path, with_prompts: bool = False) -> SuffixIndex:
 
 @functools.lru_cache(maxsize=4)
 def _corpus_index(path: str, mtime_ns: int, size: int, with_prompts: bool) -> SuffixIndex:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    columns = ["prompt_ids", "response_ids"] if with_prompts else ["response_ids"]
-    try:
-        table = pq.read_table(path, columns=columns)
-    except (OSError, pa.ArrowException, KeyError) as exc:
-        raise MtpkitError(f"cannot read the corpus {path}: {str(exc).splitlines()[0]}") from None
-    responses = table.column("response_ids").to_pylist()
+    prompts, responses = _corpus_columns(path, mtime_ns, size)
     if with_prompts:
-        documents = [list(p or []) + list(r or []) for p, r in zip(table.column("prompt_ids").to_pylist(), responses)]
+        documents = [list(p or []) + list(r or []) for p, r in zip(prompts, responses)]
     else:
         documents = [r for r in responses if r]
     return SuffixIndex.from_documents(documents)
+
+
+@functools.lru_cache(maxsize=2)
+def _corpus_columns(path: str, mtime_ns: int, size: int) -> tuple[list, list]:
+    """A corpus's prompt and response token ids, read once per process for each version of the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["prompt_ids", "response_ids"])
+    except (OSError, pa.ArrowException, KeyError) as exc:
+        raise MtpkitError(f"cannot read the corpus {path}: {str(exc).splitlines()[0]}") from None
+    return table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist()
+
+
+def corpus_successors(path: Path, vocab_size: int) -> tuple:
+    """Token recycling's warm table from a corpus: the successors of each token in the base's responses (and from
+    each prompt's last token to its response's first), built once per process for each version of the file."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _corpus_successors(str(path), stat.st_mtime_ns, stat.st_size, vocab_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _corpus_successors(path: str, mtime_ns: int, size: int, vocab_size: int) -> tuple:
+    prompts, responses = _corpus_columns(path, mtime_ns, size)
+    return successor_table([list(p or [])[-1:] + list(r) for p, r in zip(prompts, responses) if r], vocab_size)
 
 
 def make_drafters(sources, heads, heads_dir: Path | None, tree="auto") -> list[Drafter]:
@@ -104,6 +124,14 @@ def suffix_drafters(context: DraftContext) -> list[Drafter]:
         drafters.append(SuffixDrafter(index=corpus_index(path), learn=False))
     drafters.append(SuffixDrafter(index=SuffixIndex(), learn=True))
     return drafters
+
+
+def recycle_drafters(context: DraftContext) -> list[Drafter]:
+    """The ``recycle`` source: a table over the base's vocabulary, each prompt starting from the successors counted
+    in the heads directory's corpus (empty without one)."""
+    vocab = context.heads.backbone.vocab_size
+    path = None if context.heads_dir is None else corpus_path(context.heads_dir, context.heads.config)
+    return [RecycleDrafter(vocab, warm=None if path is None else corpus_successors(path, vocab))]
 
 
 def acceptance_path(heads, draft: str, sampling: bool) -> Path:

@@ -66,6 +66,16 @@ def test_load_gives_the_model_and_tokenizer(spec):
     assert spec.tokenizer("hello").input_ids
 
 
+def test_load_with_fast_kernels_runs_the_measured_layouts_and_decodes_alike(heads_dir, spec):
+    from mtpkit.kernels import cached_measurement, kernel_plan, uses_fast_kernels
+
+    fast = mtpkit.load(heads_dir, fast_kernels=True)
+    assert uses_fast_kernels(fast.model) and not uses_fast_kernels(spec.model)
+    assert kernel_plan(fast.model) == cached_measurement(fast.heads.backbone).plan  # what generate runs on
+    ids = ids_of(spec, PROMPTS[1])
+    assert fast.decode(ids, 12).tokens == spec.decode(ids, 12).tokens
+
+
 def recorded_decodes(monkeypatch) -> list:
     """The results of every mtpkit decode from now on (custom_generate runs through ``Speculator.decode``)."""
     seen = []

@@ -120,7 +120,7 @@ def test_bad_files_fail_with_one_clear_line(tmp_path, content, message):
 def test_missing_file_and_unknown_builtin(tmp_path):
     with pytest.raises(MtpkitError, match="no such file"):
         load_data([str(tmp_path / "missing.jsonl")])
-    with pytest.raises(MtpkitError, match="choose builtin:prompts, builtin:gsm8k"):
+    with pytest.raises(MtpkitError, match="choose builtin:prompts, builtin:gsm8k, builtin:gpteacher"):
         load_data(["builtin:nothing"])
     with pytest.raises(MtpkitError, match="no training data"):
         load_data([])
@@ -197,6 +197,13 @@ def test_a_finished_row_leaves_the_batch_and_the_others_go_on(tiny_backbone, mon
     first, second = distill_module.generate_responses(tiny_backbone, prompts, max_new_tokens=8)
     assert first == alone[0][: cut + 1]
     assert second == alone[1]
+
+
+def test_builtin_gpteacher_reads_the_shipped_instructions():
+    dataset = load_data(["builtin:gpteacher"], eval_fraction=0.0, shuffle=False)
+    assert len(dataset.train) == 2000 and dataset.shapes == {"prompt": 2000}
+    assert dataset.train[0].messages[0]["content"].startswith("Write a C++ program that calculates the area of a rectangle")
+    assert not {r["prompt"] for r in load_builtin("heldout")} & {e.messages[0]["content"] for e in dataset.train}
 
 
 def test_builtin_gsm8k_reads_the_shipped_training_questions():

@@ -52,7 +52,7 @@ def test_default_recipes_never_see_the_held_out_prompts():
     rows, meta = read_corpus(root / corpus)
     assert meta["base_model"] == "smollm2-135m" and rows
     sources = {r["source"] for r in rows}
-    assert all(s in ("builtin:prompts", "builtin:gsm8k") or s.startswith("self:") for s in sources)
+    assert all(s in ("builtin:prompts", "builtin:gsm8k", "builtin:gpteacher") or s.startswith("self:") for s in sources)
     assert not held_out & {r["prompt"] for r in rows}
 
 

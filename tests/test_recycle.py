@@ -12,7 +12,7 @@ from mtpkit.decoding import HeadsDrafter, SpeculativeDecoder
 from mtpkit.draft_sources import make_drafters
 from mtpkit.drafting.registry import draft_sets
 from mtpkit.drafting.lookup import PromptLookup
-from mtpkit.drafting.recycle import EMPTY, RecycleDrafter
+from mtpkit.drafting.recycle import EMPTY, RecycleDrafter, successor_table
 from mtpkit.drafting.suffix import SuffixDrafter
 from mtpkit.errors import MtpkitError
 
@@ -56,6 +56,48 @@ def test_table_rows_are_the_top_successors_of_the_last_observation():
     drafter.start([1, 2, 3])  # every prompt starts from an empty table
     assert (drafter.table == EMPTY).all() and (drafter.confidences == 0).all()
     assert drafter.successors_of(7) == [] and len(drafter.propose([1, 2, 7], budget=8)) == 0
+
+
+def test_a_warm_table_counts_successors_and_every_prompt_starts_from_it():
+    # 1 -> 2 three times, 1 -> 3 twice, 1 -> 5 twice (tie: the smaller id first), 1 -> 4 once; 2 -> 1 twice;
+    # 3 -> 1 once; 5 -> 9 once; 9 is never followed; 12 is outside the vocabulary (not counted)
+    documents = [[1, 2, 1, 3, 1, 2], [1, 5, 9], [1, 3, 1, 4], [1, 2, 1, 5], [7], [], [12, 1], [5, 12]]
+    table, confidences = successor_table(documents, vocab_size=10, successors=3)
+    assert table[1].tolist() == [2, 3, 5] and confidences[1].tolist() == pytest.approx([3 / 8, 2 / 8, 2 / 8])
+    assert table[2].tolist() == [1, EMPTY, EMPTY] and confidences[2].tolist() == pytest.approx([1.0, 0, 0])
+    assert table[3].tolist()[0] == 1 and table[5].tolist() == [9, EMPTY, EMPTY] and confidences[5, 0] == 1.0
+    assert (table[[0, 4, 6, 7, 8, 9]] == EMPTY).all() and (confidences[[0, 4, 6, 7, 8, 9]] == 0).all()
+
+    drafter = RecycleDrafter(vocab_size=10, successors=3, warm=(table, confidences))
+    assert drafter.successors_of(5) == [(9, 1.0)]  # warm from the start
+    drafter.record(torch.tensor([5]), torch.tensor([[7, 8]]), torch.tensor([[0.6, 0.3]]))
+    assert drafter.successors_of(5) == [(7, pytest.approx(0.6)), (8, pytest.approx(0.3))]
+    drafter.start([1, 2])  # the next prompt: the warm table again, nothing of the last prompt
+    assert torch.equal(drafter.table, table) and torch.equal(drafter.confidences, confidences)
+    assert table[5].tolist() == [9, EMPTY, EMPTY]  # the warm table itself never changes
+    with pytest.raises(MtpkitError, match="warm recycling table must be"):
+        RecycleDrafter(vocab_size=11, successors=3, warm=(table, confidences))
+
+
+def test_recycle_starts_from_the_heads_corpus(tiny_model_dirs, tmp_path):
+    """Built for a heads directory with a corpus, the drafter's table is the corpus's successors."""
+    from mtpkit.attach import attach
+    from mtpkit.checkpoint import open_heads
+    from mtpkit.config import CORPUS_NAME
+    from mtpkit.corpus import write_corpus
+
+    heads_dir = tmp_path / "heads"
+    attach(str(tiny_model_dirs["llama"]), "sequential", 2, 1, heads_dir)
+    heads = open_heads(heads_dir)
+    cold = make_drafters(("recycle",), heads, heads_dir)[0]
+    assert (cold.table == EMPTY).all()
+    rows = [{"source": "x", "prompt": "p", "prompt_ids": [1, 4], "response_ids": [6, 7, 6, 8], "base_fingerprint": "f",
+             "generation": "g"}]
+    write_corpus(heads_dir / CORPUS_NAME, rows, {})
+    warm = make_drafters(("recycle",), heads, heads_dir)[0]
+    assert warm.table[4].tolist()[0] == 6 and warm.table[6].tolist()[:2] == [7, 8]
+    assert warm.confidences[6].tolist()[:2] == pytest.approx([0.5, 0.5])
+    assert int((warm.table != EMPTY).sum()) == 4  # 4 -> 6, 6 -> 7, 7 -> 6, 6 -> 8
 
 
 def test_record_keeps_short_rows_and_drops_tokens_outside_the_table():

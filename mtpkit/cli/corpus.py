@@ -19,7 +19,7 @@ DEFAULT_DATA = ["builtin:prompts"]
 @friendly_errors
 def corpus(
     out: Annotated[Path, typer.Argument(help="The corpus file (.parquet) to create or extend.")],
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="Prompt source (repeatable): a file, a hub dataset, builtin:prompts, builtin:gsm8k, or self:N (N prompts the base writes itself).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Prompt source (repeatable): a file, a hub dataset, builtin:prompts, builtin:gsm8k, builtin:gpteacher, or self:N (N prompts the base writes itself).")] = None,
     model: Annotated[str, typer.Option(help="Base model: alias, hub id, local directory or .gguf file.")] = DEFAULT_MODEL,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens of each response.")] = 256,
     batch_size: Annotated[Optional[int], typer.Option(help="Prompts generated together (default: measured best for the device).")] = None,

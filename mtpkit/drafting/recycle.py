@@ -9,6 +9,11 @@ costs one top-k over the tree's logits per step.
 
 A row holds what the base predicted after the token in *one* context (the latest), so the drafts are a guess
 that the next occurrence continues alike; the calibrator learns how often that holds, as for every source.
+
+Every prompt starts from the same table: empty, or a warm one (``successor_table``) counted from the base's own
+earlier responses (the heads directory's corpus): each token's most frequent successors there, with their
+frequencies as probabilities. Rows the verification records replace the warm ones as decoding goes. (The paper
+keeps the table across prompts instead, so a prompt's drafts depend on the prompts before it.)
 """
 
 from __future__ import annotations
@@ -27,27 +32,33 @@ class RecycleDrafter:
     """Token recycling behind the ``Drafter`` interface, learning through ``observe_verification``.
 
     ``successors``: tokens kept per row (the paper's k, 8); ``max_depth``: the deepest draft. The table lives on
-    the CPU, where drafting reads it. ``start`` clears it: every prompt starts from an empty table, so a prompt's
-    drafts (and bench's figures) never depend on the prompts decoded before. (The paper keeps the table across
-    prompts, a warm start that mtpkit does not offer yet.)
+    the CPU, where drafting reads it. ``start`` sets it back to ``warm`` (a ``successor_table``; None: empty), so a
+    prompt's drafts (and bench's figures) never depend on the prompts decoded before.
     """
 
     name = "recycle"
 
-    def __init__(self, vocab_size: int, successors: int = 8, max_depth: int = 6):
+    def __init__(self, vocab_size: int, successors: int = 8, max_depth: int = 6,
+                 warm: tuple[torch.Tensor, torch.Tensor] | None = None):
         if vocab_size < 1 or successors < 1 or max_depth < 1:
             raise MtpkitError(f"token recycling needs vocab_size, successors and max_depth >= 1 (got {vocab_size}, "
                               f"{successors}, {max_depth})")
-        self.vocab_size, self.successors, self.max_depth = vocab_size, successors, max_depth
-        self.table = torch.full((vocab_size, successors), EMPTY, dtype=torch.long)  # [vocab, successors] token ids
-        # [vocab, successors]: the base's probability of each successor when it was recorded (0 where empty)
-        self.confidences = torch.zeros(vocab_size, successors)
+        if warm is not None and tuple(warm[0].shape) != (vocab_size, successors):
+            raise MtpkitError(f"a warm recycling table must be [{vocab_size}, {successors}] (got {tuple(warm[0].shape)})")
+        self.vocab_size, self.successors, self.max_depth, self.warm = vocab_size, successors, max_depth, warm
+        # [vocab, successors]: token ids, and the base's probability of each when it was recorded (0 where empty)
+        self.table = torch.full((vocab_size, successors), EMPTY, dtype=torch.long) if warm is None else warm[0].clone()
+        self.confidences = torch.zeros(vocab_size, successors) if warm is None else warm[1].clone()
 
     # -------------------------------------------------------------- learning
 
     def start(self, prompt_ids: Sequence[int]) -> None:
-        self.table.fill_(EMPTY)
-        self.confidences.zero_()
+        if self.warm is None:
+            self.table.fill_(EMPTY)
+            self.confidences.zero_()
+        else:
+            self.table.copy_(self.warm[0])
+            self.confidences.copy_(self.warm[1])
 
     def reset(self) -> None:
         self.start(())  # the table is per prompt already
@@ -109,6 +120,30 @@ class RecycleDrafter:
         return best_first(int(context_ids[-1]), children, self.max_depth, budget, self.name, normalise=False)
 
 
-def build(context) -> list[RecycleDrafter]:
-    """The ``recycle`` source (``mtpkit.drafting.registry``): a table over the base's vocabulary, fresh per prompt."""
-    return [RecycleDrafter(context.heads.backbone.vocab_size)]
+def successor_table(documents: Sequence[Sequence[int]], vocab_size: int, successors: int = 8,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A warm table from token sequences: each token's ``successors`` most frequent next tokens over all of
+    ``documents`` (ties: the smaller id first), with their relative frequencies after it as probabilities; rows
+    of tokens never followed by anything stay EMPTY. Tokens outside ``[0, vocab_size)`` are not counted."""
+    table = torch.full((vocab_size, successors), EMPTY, dtype=torch.long)
+    confidences = torch.zeros(vocab_size, successors)
+    pairs = [torch.as_tensor(list(d), dtype=torch.long) for d in documents if len(d) > 1]
+    if not pairs:
+        return table, confidences
+    first = torch.cat([d[:-1] for d in pairs])
+    second = torch.cat([d[1:] for d in pairs])
+    inside = (first >= 0) & (first < vocab_size) & (second >= 0) & (second < vocab_size)
+    keys, counts = torch.unique(first[inside] * vocab_size + second[inside], return_counts=True)
+    token, successor = keys // vocab_size, keys % vocab_size
+    # by token, then count (descending), then successor id: one sort on a composite key
+    order = torch.argsort(token * (1 << 40) + ((1 << 20) - counts.clamp(max=(1 << 20) - 1)) * (1 << 20) + successor)
+    token, successor, counts = token[order], successor[order], counts[order]
+    starts = torch.ones_like(token, dtype=torch.bool)
+    starts[1:] = token[1:] != token[:-1]
+    group_start = torch.cummax(torch.where(starts, torch.arange(token.numel()), 0), 0).values
+    rank = torch.arange(token.numel()) - group_start
+    totals = torch.zeros(vocab_size).index_add_(0, token, counts.float())
+    kept = rank < successors
+    table[token[kept], rank[kept]] = successor[kept]
+    confidences[token[kept], rank[kept]] = counts[kept].float() / totals[token[kept]]
+    return table, confidences

@@ -45,8 +45,9 @@ SOURCES: dict[str, DraftSource] = {source.name: source for source in (
                 "pld"),
     DraftSource("suffix", "a suffix index of the base's earlier outputs (the heads directory's corpus) and this "
                 "run's", "mtpkit.draft_sources:suffix_drafters", "suffix"),
-    DraftSource("recycle", "token recycling: each token's top-8 successors, kept from every verification",
-                "mtpkit.drafting.recycle:build", "recycle"),
+    DraftSource("recycle", "token recycling: each token's top-8 successors, kept from every verification, "
+                "starting from those in the heads directory's corpus", "mtpkit.draft_sources:recycle_drafters",
+                "recycle"),
 )}
 
 

@@ -3,8 +3,9 @@
 ``builtin.jsonl``: mtpkit's own 480 prompts over 8 categories, 48 train + 12 held out in each; training
 never reads the held-out part. Those 96 shaped several of mtpkit's design choices (the tree widening, the
 forward-cost fitting, calibration per agreement of sources), so they are a *development* set, not a test set.
-``mt_bench.jsonl``: MT-Bench's 80 questions (Apache-2.0, questions only), a benchmark set nothing was tuned on. ``gsm8k_train.jsonl``:
-1,200 questions of GSM8K's training split (MIT), training prompts only.
+``mt_bench.jsonl``: MT-Bench's 80 questions (Apache-2.0, questions only), a benchmark set nothing was tuned on.
+Training prompts only: ``gsm8k_train.jsonl``, 1,200 questions of GSM8K's training split (MIT);
+``gpteacher_train.jsonl``, 2,000 GPTeacher code and role-play instructions (MIT).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def load_builtin(split: str | None = None) -> list[dict]:
 
 
 def load_training_set(name: str) -> list[dict]:
-    """The records of a shipped training prompt file (``gsm8k_train``)."""
+    """The records of a shipped training prompt file (``gsm8k_train``, ``gpteacher_train``)."""
     text = resources.files(__package__).joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

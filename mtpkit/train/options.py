@@ -34,8 +34,8 @@ class FinetuneOptions:
     """Every setting of a run; the CLI options and the recipe keys have these names."""
 
     data: list[str] = option(help="Training data (repeatable): .jsonl/.json/.parquet/.csv/.txt file, a corpus "
-                                  "from mtpkit corpus, hub dataset name, builtin:prompts, builtin:gsm8k, or self:N "
-                                  "(N prompts the base writes itself).", flag="--data",
+                                  "from mtpkit corpus, hub dataset name, builtin:prompts, builtin:gsm8k, "
+                                  "builtin:gpteacher, or self:N (N prompts the base writes itself).", flag="--data",
                              factory=lambda: [BUILTIN_PROMPTS])
     epochs: int = option(2, "Passes over the training data.")
     max_steps: int | None = option(None, "Stop after this many optimizer steps (overrides --epochs).")
