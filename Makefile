@@ -33,9 +33,13 @@ demo: setup
 # base writes itself, 1,200 GSM8K training questions; responses: the base's own, greedy, up to 256 tokens).
 # Resumable: run it again after an interruption and it goes on where it stopped; it prints its expected
 # duration up front. `make corpus CORPUS=out/corpus.parquet` regenerates one from nothing.
+# The wider corpus the next default heads will train on adds 2,000 GPTeacher instructions (code, role-play):
+#   make corpus CORPUS=mtpkit/trained/corpus/smollm2-135m-wide.parquet \
+#     CORPUS_DATA="--data builtin:prompts --data self:1500 --data builtin:gsm8k --data builtin:gpteacher"
 CORPUS ?= mtpkit/trained/corpus/smollm2-135m.parquet
+CORPUS_DATA ?= --data builtin:prompts --data self:1500 --data builtin:gsm8k
 corpus: setup
-	$(BIN)/mtpkit corpus $(CORPUS) --data builtin:prompts --data self:1500 --data builtin:gsm8k --max-new-tokens 256
+	$(BIN)/mtpkit corpus $(CORPUS) $(CORPUS_DATA) --max-new-tokens 256
 
 # Retrain the shipped default heads from the corpus above, in place (the corpus's hidden states, then one pass of
 # training; see the heads' README for the time it took). An interrupted run resumes from its checkpoint when run

@@ -55,9 +55,14 @@ def corpus_path(heads_dir: Path, config: HeadsConfig) -> Path | None:
 def corpus_index(path: Path, with_prompts: bool = False) -> SuffixIndex:
     """The suffix index of a corpus's responses (each one document; ``with_prompts``: prompt + response), built
     once per process for each version of the file."""
+    return _corpus_index(*_version(path), with_prompts)
+
+
+def _version(path: Path) -> tuple[str, int, int]:
+    """What tells one version of a file from another: its resolved path, modification time and size."""
     path = Path(path).resolve()
     stat = path.stat()
-    return _corpus_index(str(path), stat.st_mtime_ns, stat.st_size, with_prompts)
+    return str(path), stat.st_mtime_ns, stat.st_size
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,9 +91,7 @@ def _corpus_columns(path: str, mtime_ns: int, size: int) -> tuple[list, list]:
 def corpus_successors(path: Path, vocab_size: int) -> tuple:
     """Token recycling's warm table from a corpus: the successors of each token in the base's responses (and from
     each prompt's last token to its response's first), built once per process for each version of the file."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    return _corpus_successors(str(path), stat.st_mtime_ns, stat.st_size, vocab_size)
+    return _corpus_successors(*_version(path), vocab_size)
 
 
 @functools.lru_cache(maxsize=2)

@@ -37,7 +37,8 @@ def test_recipe_opens_with_its_command(path):
 
 def test_default_recipes_never_see_the_held_out_prompts():
     """The default recipes train on the built-in train split (self-distilled) or on the shipped corpus, whose
-    prompts are that split, the base's own and GSM8K's train questions: never a held-out prompt."""
+    prompts are that split, the base's own, GSM8K's train questions and GPTeacher's: never a held-out prompt,
+    never an MT-Bench question."""
     from mtpkit.corpus import read_corpus
     from mtpkit.prompts import load_builtin
 
@@ -49,11 +50,17 @@ def test_default_recipes_never_see_the_held_out_prompts():
         assert recipe["data"] in (["builtin:prompts"], [corpus]), name
         if recipe["data"] == ["builtin:prompts"]:
             assert recipe["self_distill"] is True
-    rows, meta = read_corpus(root / corpus)
-    assert meta["base_model"] == "smollm2-135m" and rows
-    sources = {r["source"] for r in rows}
-    assert all(s in ("builtin:prompts", "builtin:gsm8k", "builtin:gpteacher") or s.startswith("self:") for s in sources)
-    assert not held_out & {r["prompt"] for r in rows}
+    from mtpkit.prompts import load_mt_bench
+
+    benchmark = {q["turns"][0] for q in load_mt_bench()}
+    for path in sorted((root / "mtpkit/trained/corpus").glob("*.parquet")):  # the shipped one and any growing
+        rows, meta = read_corpus(path)
+        assert meta["base_model"] == "smollm2-135m" and rows, path.name
+        sources = {r["source"] for r in rows}
+        assert all(s in ("builtin:prompts", "builtin:gsm8k", "builtin:gpteacher") or s.startswith("self:")
+                   for s in sources), path.name
+        prompts = {r["prompt"] for r in rows}
+        assert not held_out & prompts and not benchmark & prompts, path.name
 
 
 def test_shipped_heads_were_trained_by_their_recipe():
