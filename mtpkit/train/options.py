@@ -49,7 +49,8 @@ class FinetuneOptions:
     save_every: int = option(50, "Write a resumable checkpoint every N steps (0: only on Ctrl-C).")
     head_weights: str = option("exponential", "Per-head loss weights: uniform, linear, exponential (0.8^k), "
                                               "primary-aux, or K numbers like 1,0.5,0.3.")
-    # distill measured on the default model: better held-out accuracy than ce
+    # distill measured on the default model: better held-out accuracy than ce, and a longer accepted chain than
+    # tv (1.686 against 1.641 tokens per step, reports/teacher-forcing)
     loss: str = option("distill", "distill (KL to the base's own distribution at the target position, Hydra's "
                                   "teacher loss), tv (total variation to that distribution: 1 - the chance a sampled "
                                   "draft is accepted) or ce (cross-entropy on the data's tokens).")
@@ -60,7 +61,7 @@ class FinetuneOptions:
     distill_max_new_tokens: int = option(128, "Longest self-distilled response in tokens.")
     feature_loss: float = option(0.0, "Weight of the feature-regression term (EAGLE): each head's state is pulled "
                                       "towards the base's hidden state at its target position (0: off).")
-    # 1.0 is today's training; no run here measured a better value
+    # measured (reports/teacher-forcing): 0.5 lost 0.02-0.035 top-1 at depths 2-4 and nothing gained on the chain
     teacher_forcing: float = option(1.0, "Sequential heads: fraction of positions where head k (k >= 2) reads the "
                                          "true previous token; at the others it reads head k-1's own draft (its "
                                          "argmax), as when decoding. Seeded.")
