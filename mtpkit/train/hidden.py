@@ -49,6 +49,12 @@ class StateStorage:
         self._written = 0  # elements in the file
         self._mapped = None
 
+    @classmethod
+    def for_features(cls, backbone: Backbone, budget_bytes: float, layer_ids: list[int] | None = None,
+                     dtype: torch.dtype | None = None) -> "StateStorage":
+        """A storage as wide as the heads' features: the final state, or ``layer_ids``' states side by side."""
+        return cls(budget_bytes, backbone.hidden_size * (len(layer_ids) if layer_ids else 1), dtype or backbone.dtype)
+
     def put(self, states: torch.Tensor) -> Slot:
         """Keep one sequence's states [rows, width] (converted to the storage's dtype); where they went."""
         size = states.numel() * torch.empty((), dtype=self.dtype).element_size()
@@ -130,9 +136,8 @@ def compute_hidden(backbone: Backbone, examples: list[TokenizedExample], budget_
     right-padded batches. The final hidden states, or the input hidden states of ``layer_ids`` side by side
     (eagle3's features), kept in ``dtype`` (default: the base's) in a new storage of ``budget_bytes``, or in
     the given one (which ``kept`` must be in)."""
-    width = backbone.hidden_size * (len(layer_ids) if layer_ids else 1)
     storage = budget_bytes if isinstance(budget_bytes, StateStorage) else \
-        StateStorage(budget_bytes, width, dtype or backbone.dtype)
+        StateStorage.for_features(backbone, budget_bytes, layer_ids, dtype)
     wanted = range(len(examples)) if indices is None else indices
     slots: dict[int, Slot] = {}
     order = []

@@ -264,8 +264,8 @@ def _setup_data(backbone: Backbone, options: FinetuneOptions, accelerator, callb
     tokenizer = backbone.tokenizer
     frozen = not options.lora  # the base's hidden states are the same in every epoch: computed once
     kept_dtype = torch.bfloat16 if options.hidden_dtype == "bfloat16" else backbone.dtype
-    width = backbone.hidden_size * (len(feature_layers) if feature_layers else 1)
-    storage = StateStorage(options.hidden_cache_gb * (1 << 30), width, kept_dtype) if frozen else None
+    storage = StateStorage.for_features(backbone, options.hidden_cache_gb * (1 << 30), feature_layers,
+                                        kept_dtype) if frozen else None
     kept: dict[str, Slot] = {}
     if self_distill:
         tick = time.perf_counter()
