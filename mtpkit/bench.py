@@ -11,8 +11,8 @@ rate is measured, not assumed. Summaries are medians over prompts with 95% boots
 
 The control, ``greedy``, is mtpkit's plain decoding on the kernel plan chosen on whole forwards
 (``mtpkit.kernels``): the fastest plain decoding mtpkit knows on this machine, and what every speculation
-gain is over. ``greedy-stock``, ``greedy-column`` and ``greedy-pair`` run the same loop with every layer on
-one layout, to show that the control is the fastest of them.
+gain is over. ``greedy-stock``, ``greedy-column``, ``greedy-pair`` and ``greedy-packed`` run the same loop with
+every layer on one layout, to show that the control is the fastest of them.
 """
 
 from __future__ import annotations

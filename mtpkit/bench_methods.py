@@ -10,7 +10,7 @@ BASELINE = "hf-greedy"  # transformers' own greedy decoding: what a user runs wi
 CONTROL = "greedy"  # mtpkit's plain decoding on the measured kernel plan: speculation_gain is measured against it
 REQUIRED = (BASELINE, CONTROL)  # every report carries both, so a speed-up always splits into kernels x speculation
 # plain greedy with every layer on one layout (no padded token): the candidates the control must be the fastest of
-PLAIN_LAYOUTS = {"greedy-stock": "stock", "greedy-column": "column", "greedy-pair": "pair"}
+PLAIN_LAYOUTS = {"greedy-stock": "stock", "greedy-column": "column", "greedy-pair": "pair", "greedy-packed": "packed"}
 TRANSFORMERS = ("hf-greedy", "hf-pld")  # transformers' generate: greedy, and its prompt lookup
 HEADS_TREES = {"mtp-chain": "chain", "mtp-tree": None}  # the heads alone on a static tree (None: --tree)
 MIXED = "mtp-hybrid"  # every source in one tree chosen per step

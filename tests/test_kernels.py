@@ -24,7 +24,7 @@ def llama(tiny_tokenizer):
     return wrap_model(make_model("llama", len(tiny_tokenizer)), tiny_tokenizer, "tiny-llama")
 
 
-PLANS = {layout: KernelPlan.everywhere(layout) for layout in ("stock", "column", "pair")}
+PLANS = {layout: KernelPlan.everywhere(layout) for layout in ("stock", "column", "pair", "packed")}
 
 
 @pytest.mark.parametrize("layout", list(PLANS))
@@ -70,6 +70,53 @@ def test_plan_layouts_and_description():
         KernelPlan.everywhere("diagonal")
 
 
+def test_packed_copy_follows_the_weight():
+    """The packed layout reads a copy of the weight: changed in place, the weight is packed again (the values
+    follow it); an inference tensor is packed once; the copy goes with the weight."""
+    import gc
+
+    plan = PLANS["packed"]
+    torch.manual_seed(0)
+    weight, x = torch.randn(48, 16), torch.randn(3, 16)
+    before = fast_linear(x, weight, None, plan)
+    torch.testing.assert_close(before, F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        weight.mul_(2.0)  # an optimizer step, a weight loaded over it
+    torch.testing.assert_close(fast_linear(x, weight, None, plan), 2 * before, atol=1e-5, rtol=1e-5)
+    assert id(weight) in kernels._PACKED
+    key = id(weight)
+    del weight
+    gc.collect()
+    assert key not in kernels._PACKED
+    with torch.inference_mode():
+        frozen = torch.randn(48, 16)
+        torch.testing.assert_close(fast_linear(x, frozen, None, plan), F.linear(x, frozen), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_layout_is_one_oneDNN_call_and_never_under_a_gradient(monkeypatch):
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(kernels, "packed_weight", lambda w, real_pack=kernels.packed_weight: calls.append(
+        tuple(w.shape)) or real_pack(w))
+    weight = torch.randn(24, 8, requires_grad=True)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        fast_linear(x, weight, None, PLANS["packed"])
+    assert calls == [(24, 8)]
+    fast_linear(x, weight, None, PLANS["packed"]).sum().backward()  # needs a gradient: column, not oneDNN
+    assert calls == [(24, 8)] and weight.grad is not None and real is torch.ops.mkldnn._linear_pointwise
+
+
+def test_packed_is_measured_only_where_a_second_copy_fits(monkeypatch, llama):
+    assert kernels.available_layouts(kernels.FEW_ROW_LAYOUTS, llama.model) == ("stock", "column", "packed")
+    weights = sum(m.weight.numel() * 4 for m in llama.model.modules() if isinstance(m, nn.Linear))
+    pages = {"SC_AVPHYS_PAGES": weights // 4096, "SC_PAGE_SIZE": 4096}  # free memory: one copy, not two
+    monkeypatch.setattr(kernels.os, "sysconf", lambda name: pages[name])
+    assert kernels.available_layouts(kernels.FEW_ROW_LAYOUTS, llama.model) == ("stock", "column")
+    measurement = choose_kernels(llama, sizes=(1, 2), context=4, repeats=1)
+    assert "packed" not in measurement.seconds and set(measurement.seconds) == {"stock", "column", "pair"}
+
+
 def test_pick_fastest_needs_a_margin_to_leave_the_earlier_layout():
     forms = ("stock", "column", "pair")
     assert pick_fastest({"stock": 1.0, "column": 0.95, "pair": 0.5}, forms) == "pair"
@@ -99,13 +146,14 @@ def test_chooser_picks_the_layout_that_is_clearly_faster(monkeypatch, llama):
     slow_column = kernels.FORMS["column"]
 
     def column_with_a_stall(flat, weight, bias):
-        time.sleep(1e-3)
+        time.sleep(3e-3)
         return slow_column(flat, weight, bias)
 
     monkeypatch.setitem(kernels.FORMS, "column", column_with_a_stall)
     monkeypatch.setitem(kernels.FORMS, "pair", lambda flat, weight, bias: column_with_a_stall(
         torch.cat((flat, flat)), weight, bias)[:1])
-    measurement = choose_kernels(llama, sizes=(1, 2, 4), context=8, repeats=2)
+    monkeypatch.setitem(kernels.FORMS, "packed", column_with_a_stall)
+    measurement = choose_kernels(llama, sizes=(1, 2, 4), context=8, repeats=5)
     assert measurement.plan.one_row == "stock" and measurement.plan.few_rows == ((2, "stock"), (4, "stock"))
     assert all(measurement.seconds["column"][n] > measurement.seconds["stock"][n] for n in (1, 2, 4))
     assert set(measurement.seconds["pair"]) == {1}  # pair is a one-row layout
@@ -116,13 +164,14 @@ def test_chooser_picks_the_layout_that_is_clearly_faster(monkeypatch, llama):
     real_linear = F.linear
 
     def stock_with_a_stall(x, weight, bias=None):
-        time.sleep(1e-3)
+        time.sleep(3e-3)
         return real_linear(x, weight, bias)
 
     monkeypatch.setitem(kernels.FORMS, "stock", stock_with_a_stall)
+    monkeypatch.setitem(kernels.FORMS, "packed", stock_with_a_stall)
     monkeypatch.setattr(kernels.F, "linear", stock_with_a_stall)
     enable_fast_kernels(llama.model, PLANS["pair"])
-    measurement = choose_kernels(llama, sizes=(1, 2, 4), context=8, repeats=2)
+    measurement = choose_kernels(llama, sizes=(1, 2, 4), context=8, repeats=5)
     assert measurement.plan.one_row in ("column", "pair") and {l for _, l in measurement.plan.few_rows} == {"column"}
     assert kernel_plan(llama.model) == PLANS["pair"]  # left as found
     disable_fast_kernels(llama.model)
@@ -190,7 +239,7 @@ def test_fast_linear_matches_stock_on_batched_inputs(shape):
 
 
 @pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("layout", ["column", "pair"])
+@pytest.mark.parametrize("layout", ["column", "pair", "packed"])
 def test_gradients_match_stock_on_the_fast_path(rows, layout):
     torch.manual_seed(0)
     weight, bias, x = (torch.randn(*s, requires_grad=True) for s in ((32, 16), (32,), (1, rows, 16)))
@@ -238,7 +287,7 @@ def test_lora_style_subclasses_are_left_alone():
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 64])
-@pytest.mark.parametrize("layout", ["column", "pair"])
+@pytest.mark.parametrize("layout", ["column", "pair", "packed"])
 def test_model_on_each_layout_gives_stock_logits_over_a_kv_cache(llama, n, layout):
     model = llama.model
     torch.manual_seed(n)
@@ -332,7 +381,8 @@ def test_layer_report_times_every_layout_and_fits_80_columns():
     rows = kernels.layer_report([(96, 32), (8, 16)], repeats=1)
     assert [(r["out"], r["in"]) for r in rows] == [(96, 32), (8, 16)]
     for row in rows:
-        assert set(row["one_row_ms"]) == {"stock", "column", "pair"} and set(row["few_rows_ms"]) == {"stock", "column"}
+        assert set(row["one_row_ms"]) == {"stock", "column", "pair", "packed"}
+        assert set(row["few_rows_ms"]) == {"stock", "column", "packed"}
         assert all(ms > 0 for ms in [*row["one_row_ms"].values(), *row["few_rows_ms"].values()])
     out = StringIO()
     Console(file=out, width=80).print(kernels._layer_table(rows))
