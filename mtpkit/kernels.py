@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import weakref
 import json
 import os
 import platform
 import statistics
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Iterable, Optional
