@@ -104,6 +104,13 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def drop_packed(model: nn.Module) -> None:
+    """Free the packed copies of ``model``'s linear weights (made again if a packed product runs later)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            _PACKED.pop(id(module.weight), None)
+
+
 @functools.cache
 def packed_available() -> bool:
     """Whether this torch build runs oneDNN's packed inner product (and gives ``F.linear``'s values with it)."""
@@ -162,6 +169,10 @@ class KernelPlan:
         if layout not in FORMS:
             raise ValueError(f"unknown layout {layout!r}: choose from {', '.join(FORMS)}")
         return cls(layout, ((2, "column" if layout == "pair" else layout),))
+
+    def layouts(self) -> set[str]:
+        """Every layout this plan runs for some row count."""
+        return {self.one_row, *(layout for _, layout in self.few_rows)}
 
     def describe(self) -> str:
         """One line: '1 row pair, 2-64 rows column, token padded to 2'."""
@@ -413,7 +424,10 @@ def choose_kernels(backbone, sizes: Iterable[int] = DEFAULT_SIZES, context: int 
         else:
             enable_fast_kernels(model, before)
     seconds = {layout: {n: statistics.median(times) for n, times in by_n.items()} for layout, by_n in samples.items()}
-    return KernelMeasurement(seconds, plan_from_seconds(seconds), context, repeats, machine_key(backbone))
+    plan = plan_from_seconds(seconds)
+    if "packed" not in plan.layouts():
+        drop_packed(model)  # timed, not chosen: no second copy of the weights stays behind
+    return KernelMeasurement(seconds, plan, context, repeats, machine_key(backbone))
 
 
 def uses_fast_kernels(model: nn.Module) -> bool:

@@ -117,6 +117,17 @@ def test_packed_is_measured_only_where_a_second_copy_fits(monkeypatch, llama):
     assert "packed" not in measurement.seconds and set(measurement.seconds) == {"stock", "column", "pair"}
 
 
+def test_packed_copies_stay_only_where_the_plan_runs_packed(monkeypatch, llama):
+    weights = {id(m.weight) for m in llama.model.modules() if isinstance(m, nn.Linear)}
+    monkeypatch.setattr(kernels, "plan_from_seconds", lambda seconds: PLANS["column"])
+    choose_kernels(llama, sizes=(1, 2), context=4, repeats=1)
+    assert not weights & set(kernels._PACKED)  # timed on packed, not chosen: copies freed
+    monkeypatch.setattr(kernels, "plan_from_seconds", lambda seconds: PLANS["packed"])
+    choose_kernels(llama, sizes=(1, 2), context=4, repeats=1)
+    assert weights <= set(kernels._PACKED)
+    assert PLANS["packed"].layouts() == {"packed"} and PLANS["pair"].layouts() == {"pair", "column"}
+
+
 def test_pick_fastest_needs_a_margin_to_leave_the_earlier_layout():
     forms = ("stock", "column", "pair")
     assert pick_fastest({"stock": 1.0, "column": 0.95, "pair": 0.5}, forms) == "pair"
