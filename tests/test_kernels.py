@@ -150,6 +150,9 @@ def test_plan_from_whole_forward_seconds():
     assert measurement.token_seconds() == 0.030 and measurement.forward_cost() == {1: 0.030, 2: 0.030, 4: 0.052,
                                                                                    8: 0.075}
     assert KernelMeasurement.from_dict(measurement.to_dict()).forward_cost() == measurement.forward_cost()
+    # the packed layout wins the sizes where it is measured clearly faster, and only those
+    seconds["packed"] = {1: 0.047, 2: 0.053, 4: 0.044, 8: 0.074}
+    assert plan_from_seconds(seconds) == KernelPlan("pair", ((2, "column"), (4, "packed"), (8, "stock")), True)
 
 
 def test_chooser_picks_the_layout_that_is_clearly_faster(monkeypatch, llama):
