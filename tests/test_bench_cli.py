@@ -59,7 +59,7 @@ def test_bench_writes_a_complete_report(bench_run):
         for method, figures in row["methods"].items():
             assert len(figures["seconds_per_round"]) == 2 and figures["same_in_every_round"], method
     assert report["setup"]["repeats"] == 2 and report["setup"]["kernel_plan"].startswith("1 row ")
-    assert set(report["setup"]["kernel_forward_seconds"]) == {"stock", "column", "pair"}
+    assert set(report["setup"]["kernel_forward_seconds"]) == {"stock", "column", "pair", "packed"}
     assert report["methods"]["hf-greedy"]["speedup"] == pytest.approx(1.0)
     assert report["methods"]["hf-greedy"]["mean_accepted_tokens"] == pytest.approx(1.0)
     assert report["methods"]["greedy"]["mean_accepted_tokens"] == pytest.approx(1.0)
