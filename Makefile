@@ -30,14 +30,15 @@ demo: setup
 		--json out/demo/bench.json --markdown out/demo/bench.md --plot out/demo/bench.png
 
 # The self-distilled corpus the default heads train on (prompts: the built-in train split, 1,500 prompts the
-# base writes itself, 1,200 GSM8K training questions; responses: the base's own, greedy, up to 256 tokens).
-# Resumable: run it again after an interruption and it goes on where it stopped; it prints its expected
-# duration up front. `make corpus CORPUS=out/corpus.parquet` regenerates one from nothing.
-# The wider corpus the next default heads will train on adds 2,000 GPTeacher instructions (code, role-play):
-#   make corpus CORPUS=mtpkit/trained/corpus/smollm2-135m-wide.parquet \
-#     CORPUS_DATA="--data builtin:prompts --data self:1500 --data builtin:gsm8k --data builtin:gpteacher"
-CORPUS ?= mtpkit/trained/corpus/smollm2-135m.parquet
-CORPUS_DATA ?= --data builtin:prompts --data self:1500 --data builtin:gsm8k
+# base writes itself, 1,200 GSM8K training questions, 2,000 GPTeacher code and role-play instructions; responses:
+# the base's own, greedy, up to 256 tokens). Resumable: run it again after an interruption and it goes on where it
+# stopped; it prints its expected duration up front. `make corpus CORPUS=out/corpus.parquet` regenerates one from
+# nothing. mtpkit/trained/corpus/smollm2-135m.parquet is the narrower corpus (no GPTeacher) the eagle3 heads and
+# the earlier sequential heads trained on:
+#   make corpus CORPUS=mtpkit/trained/corpus/smollm2-135m.parquet \
+#     CORPUS_DATA="--data builtin:prompts --data self:1500 --data builtin:gsm8k"
+CORPUS ?= mtpkit/trained/corpus/smollm2-135m-wide.parquet
+CORPUS_DATA ?= --data builtin:prompts --data self:1500 --data builtin:gsm8k --data builtin:gpteacher
 corpus: setup
 	$(BIN)/mtpkit corpus $(CORPUS) $(CORPUS_DATA) --max-new-tokens 256
 

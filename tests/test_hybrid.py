@@ -463,7 +463,8 @@ def test_shipped_heads_name_the_shipped_corpus():
 
     heads_dir = Path(mtpkit.__file__).parent / "trained" / "smollm2-135m-sequential"
     config = json.loads((heads_dir / "mtp_config.json").read_text())
-    assert config["corpus"] == "../corpus/smollm2-135m.parquet"
+    assert config["corpus"] == "../corpus/smollm2-135m-wide.parquet"
+    assert config["training"]["data"] == ["mtpkit/trained/corpus/smollm2-135m-wide.parquet"]  # what they trained on
     assert (heads_dir / config["corpus"]).parent.resolve() == (heads_dir.parent / "corpus").resolve()
 
 

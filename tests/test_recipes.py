@@ -44,10 +44,10 @@ def test_default_recipes_never_see_the_held_out_prompts():
 
     root = Path(__file__).resolve().parents[1]
     held_out = {r["prompt"] for r in load_builtin("heldout")}
-    corpus = "mtpkit/trained/corpus/smollm2-135m.parquet"
+    corpora = (["mtpkit/trained/corpus/smollm2-135m.parquet"], ["mtpkit/trained/corpus/smollm2-135m-wide.parquet"])
     for name in ("smollm2-135m-medusa", "smollm2-135m-sequential"):
         recipe = read_recipe(root / "recipes" / f"{name}.yaml")
-        assert recipe["data"] in (["builtin:prompts"], [corpus]), name
+        assert recipe["data"] in (["builtin:prompts"], *corpora), name
         if recipe["data"] == ["builtin:prompts"]:
             assert recipe["self_distill"] is True
     from mtpkit.prompts import load_mt_bench
