@@ -25,6 +25,7 @@ def llama(tiny_tokenizer):
 
 
 PLANS = {layout: KernelPlan.everywhere(layout) for layout in ("stock", "column", "pair", "packed")}
+needs_packed = pytest.mark.skipif(not kernels.packed_available(), reason="this torch build has no oneDNN packed product")
 
 
 @pytest.mark.parametrize("layout", list(PLANS))
@@ -70,6 +71,7 @@ def test_plan_layouts_and_description():
         KernelPlan.everywhere("diagonal")
 
 
+@needs_packed
 def test_packed_copy_follows_the_weight():
     """The packed layout reads a copy of the weight: changed in place, the weight is packed again (the values
     follow it); an inference tensor is packed once; the copy goes with the weight."""
@@ -93,6 +95,7 @@ def test_packed_copy_follows_the_weight():
         torch.testing.assert_close(fast_linear(x, frozen, None, plan), F.linear(x, frozen), atol=1e-5, rtol=1e-5)
 
 
+@needs_packed
 def test_packed_layout_is_one_oneDNN_call_and_never_under_a_gradient(monkeypatch):
     calls = []
     real = torch.ops.mkldnn._linear_pointwise
@@ -107,6 +110,7 @@ def test_packed_layout_is_one_oneDNN_call_and_never_under_a_gradient(monkeypatch
     assert calls == [(24, 8)] and weight.grad is not None and real is torch.ops.mkldnn._linear_pointwise
 
 
+@needs_packed
 def test_packed_is_measured_only_where_a_second_copy_fits(monkeypatch, llama):
     assert kernels.available_layouts(kernels.FEW_ROW_LAYOUTS, llama.model) == ("stock", "column", "packed")
     weights = sum(m.weight.numel() * 4 for m in llama.model.modules() if isinstance(m, nn.Linear))
@@ -117,6 +121,7 @@ def test_packed_is_measured_only_where_a_second_copy_fits(monkeypatch, llama):
     assert "packed" not in measurement.seconds and set(measurement.seconds) == {"stock", "column", "pair"}
 
 
+@needs_packed
 def test_packed_copies_stay_only_where_the_plan_runs_packed(monkeypatch, llama):
     weights = {id(m.weight) for m in llama.model.modules() if isinstance(m, nn.Linear)}
     monkeypatch.setattr(kernels, "plan_from_seconds", lambda seconds: PLANS["column"])
